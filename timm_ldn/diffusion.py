@@ -1,0 +1,205 @@
+"""Diffusion operators of Linear Diffusion Networks (the math of ``LDN_SPEC.md`` in one place).
+
+One LDN layer is one explicit-Euler step of ``dH/dt = K·H + A_diff(H) + F(H)`` over the token grid.
+This module holds the two diffusion operators and their dense reference forms:
+
+* ``K``: a learned, multi-scale, no-flux graph Laplacian on the ``h×w`` grid (rows and columns sum to zero),
+  applied with one depthwise stencil convolution plus an exact border correction.
+* ``A_diff``: content-dependent global diffusion ``(D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, computed in
+  linear time as ``φ(Q)(φ(K)ᵀV)`` — the ``N×N`` matrix ``W`` is never formed.
+
+Token maps are channels-last (``B×h×w×C``) throughout, the layout the linear layers of a block want.
+The dense ``*_reference`` functions build the spec's matrices explicitly; they exist for tests and are
+``O(N²)`` in memory, never use them in a model.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from timm.layers import register_notrace_function
+
+__all__ = [
+    'DEFAULT_OFFSETS', 'stencil_basis', 'diffusion_coefficients', 'time_step', 'border_correction',
+    'primary_diffusion', 'laplacian_reference', 'positive_feature_map', 'linear_diffusion_attention',
+    'softmax_diffusion_attention', 'diffusion_attention_reference', 'grid_diameter',
+]
+
+# Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
+DEFAULT_OFFSETS: Tuple[int, ...] = (1, 2, 4)
+NEIGHBOURS_PER_SCALE = 4  # ±d along each of the two grid axes
+
+
+def stencil_basis(
+        offsets: Sequence[int],
+        device: torch.device = None,
+        dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-scale Laplacian stencils, ``(S, k, k)`` with ``k = 2·max(offsets) + 1``.
+
+    Stencil ``s`` has ``+1`` at the four grid neighbours ``(±d, 0), (0, ±d)`` and ``−4`` at the centre,
+    so any non-negative combination of them sums to zero (``K·1 = 0`` away from the border).
+    """
+    radius = max(offsets)
+    size = 2 * radius + 1
+    basis = torch.zeros(len(offsets), size, size, device=device, dtype=dtype)
+    for s, d in enumerate(offsets):
+        basis[s, radius, radius] = -float(NEIGHBOURS_PER_SCALE)
+        basis[s, radius - d, radius] = 1.
+        basis[s, radius + d, radius] = 1.
+        basis[s, radius, radius - d] = 1.
+        basis[s, radius, radius + d] = 1.
+    return basis
+
+
+def time_step(a: torch.Tensor, tau: torch.Tensor, neighbours_per_scale: int = NEIGHBOURS_PER_SCALE) -> torch.Tensor:
+    """Adaptive time step ``δt = sigmoid(τ) / Σ_s |N_s|·a_s`` per channel, ``(C,)``.
+
+    ``sigmoid(τ) < 1`` keeps ``δt`` strictly inside the explicit-Euler bound ``1 / Σ_s |N_s|·a_s``, so
+    ``I + δt·K`` is a convex averaging operator for every value of the parameters.
+    """
+    # the floor only matters when every a_s underflows to 0; it shrinks δt further, never past the bound
+    rate = (neighbours_per_scale * a.sum(0)).clamp_min(1e-6)
+    return torch.sigmoid(tau) / rate
+
+
+def diffusion_coefficients(a_raw: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Per-scale edge weights of one diffusion step, ``δt·a_s``, shape ``(S, C)``.
+
+    ``a_s = softplus(a_raw_s) ≥ 0``; the result is non-negative and ``Σ_s |N_s|·δt·a_s = sigmoid(τ) < 1``.
+    """
+    a = F.softplus(a_raw)
+    return a * time_step(a, tau)
+
+
+@register_notrace_function
+def border_correction(coef: torch.Tensor, offsets: List[int], height: int, width: int) -> torch.Tensor:
+    """``Σ_s (#out-of-grid neighbours of i at scale s)·coef_s``, shape ``(h, w, C)``.
+
+    A zero-padded stencil convolution still subtracts ``coef_s·H_i`` for a neighbour that lies outside the
+    grid. Adding this term back removes exactly those edges: the no-flux rule, ``K·1 = 0`` on the border
+    too. (Replicate padding is *not* equivalent for offsets > 1: it would pair a token with the border
+    token ``d − 1`` cells away instead of dropping the edge.) Zero in the interior.
+    """
+    rows = torch.arange(height, device=coef.device)
+    cols = torch.arange(width, device=coef.device)
+    d = torch.tensor(offsets, device=coef.device)
+    row_missing = (rows[:, None] < d).to(coef.dtype) + (rows[:, None] >= height - d).to(coef.dtype)  # (h, S)
+    col_missing = (cols[:, None] < d).to(coef.dtype) + (cols[:, None] >= width - d).to(coef.dtype)  # (w, S)
+    return (row_missing @ coef)[:, None, :] + (col_missing @ coef)[None, :, :]
+
+
+def primary_diffusion(
+        x: torch.Tensor,
+        coef: torch.Tensor,
+        basis: torch.Tensor,
+        offsets: List[int],
+) -> torch.Tensor:
+    """The update ``δt·K(H)`` of one primary diffusion step on a channels-last token map.
+
+    ``K(H)_i = Σ_s Σ_{j∈N_s(i)} a_s ⊙ (H_j − H_i)`` over in-grid neighbours only. All scales are folded
+    into one depthwise ``k×k`` convolution (one pass over the tokens) plus the border correction.
+
+    Args:
+        x: Token map ``(B, h, w, C)``.
+        coef: ``δt·a_s`` from :func:`diffusion_coefficients`, ``(S, C)``.
+        basis: :func:`stencil_basis` for ``offsets``, ``(S, k, k)``.
+        offsets: Grid offsets of the scales.
+    Returns:
+        ``δt·K(H)``, same shape as ``x``.
+    """
+    B, H, W, C = x.shape
+    radius = (basis.shape[-1] - 1) // 2
+    size = basis.shape[-1]
+    weight = (coef.t() @ basis.reshape(basis.shape[0], -1)).reshape(C, 1, size, size).to(x.dtype)
+    # NHWC -> NCHW view is channels_last in memory: the depthwise conv runs without a layout copy
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=radius, groups=C).permute(0, 2, 3, 1)
+    return torch.addcmul(y, x, border_correction(coef, offsets, H, W).to(x.dtype))
+
+
+def laplacian_reference(
+        a_s: torch.Tensor,
+        offsets: Sequence[int],
+        height: int,
+        width: int,
+) -> torch.Tensor:
+    """Dense ``K`` for one channel, ``(N, N)`` with ``N = h·w`` (tests only).
+
+    ``K_ij = a_s`` for every in-grid pair at grid offset ``±d_s`` along one axis, ``K_ii = −Σ_j K_ij``.
+    """
+    n = height * width
+    K = torch.zeros(n, n, dtype=a_s.dtype, device=a_s.device)
+    for s, d in enumerate(offsets):
+        for y in range(height):
+            for x in range(width):
+                i = y * width + x
+                for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d)):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < height and 0 <= xx < width:
+                        K[i, yy * width + xx] += a_s[s]
+    K -= torch.diag(K.sum(1))
+    return K
+
+
+def grid_diameter(height: int, width: int, offsets: Sequence[int]) -> int:
+    """Hop diameter of the multi-scale neighbourhood graph on an ``h×w`` grid (breadth-first search)."""
+    def axis_diameter(n: int) -> int:
+        worst = 0
+        for start in range(n):
+            dist = {start: 0}
+            frontier = [start]
+            while frontier:
+                nxt = []
+                for p in frontier:
+                    for d in offsets:
+                        for q in (p - d, p + d):
+                            if 0 <= q < n and q not in dist:
+                                dist[q] = dist[p] + 1
+                                nxt.append(q)
+                frontier = nxt
+            worst = max(worst, max(dist.values()))
+        return worst
+    # moves change one axis at a time, so the grid's hop distance is the sum of the axis distances
+    return axis_diameter(height) + axis_diameter(width)
+
+
+def positive_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """``φ(x) = elu(x) + 1 > 0``: smooth, strictly positive, linear for large inputs (no overflow)."""
+    return F.elu(x) + 1.
+
+
+def linear_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``A_diff(U) = (D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, in ``O(N·d²)`` per head.
+
+    Args:
+        q, k, v: ``(B, heads, N, d)``.
+    Returns:
+        ``Σ_j w_ij (v_j − v_i) / Σ_j w_ij`` for every token, ``(B, heads, N, d)``. Rows of ``D⁻¹W − I`` sum to
+        zero, so a constant ``V`` gives exactly ``0`` up to rounding.
+    """
+    q = positive_feature_map(q)
+    # 1/N keeps φ(K)ᵀV and Σφ(K) O(1) at any resolution (fp16 range); it cancels in the ratio
+    k = positive_feature_map(k) * (1. / k.shape[-2])
+    kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the only global summary, never N×N
+    normalizer = q @ k.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
+    return (q @ kv) / normalizer - v
+
+
+def softmax_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact variant ``w_ij = exp(q_i·k_j/√d)``: softmax attention minus identity (``O(N²)``, fused SDPA)."""
+    return F.scaled_dot_product_attention(q, k, v) - v
+
+
+def diffusion_attention_reference(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kernel: str = 'linear',
+) -> torch.Tensor:
+    """Dense ``(D⁻¹W − I)·V`` with the ``N×N`` matrix built explicitly (tests only)."""
+    if kernel == 'linear':
+        w = positive_feature_map(q) @ positive_feature_map(k).transpose(-2, -1)
+    else:
+        w = torch.exp((q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5)
+    degree = w.sum(-1, keepdim=True)
+    return (w / degree) @ v - v

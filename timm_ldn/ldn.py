@@ -1,0 +1,474 @@
+""" Linear Diffusion Networks (LDN) for timm
+
+Each block is one explicit-Euler step of ``dH/dt = K·H + A_diff(H) + F(H)`` over the grid of patch tokens:
+
+    H ← H + δt ⊙ K(H)                      primary diffusion (multi-scale no-flux Laplacian, learned δt)
+    H ← H + γ ⊙ W_o · A_diff(LN(H))        diffusion-based attention, linear in the token count
+    H ← H + F(LN(H))                        local update (MLP)
+
+The operators live in ``timm_ldn.diffusion``; this file assembles them into a timm model.
+Tokens stay channels-last (``B×h×w×C``) through every block: linear layers act on the last dim and the
+depthwise stencil sees a channels_last view, so no layout copies happen inside a block.
+
+Paper: 'Linear Diffusion Networks', Jacob Fein-Ashley. Architecture contract: ``LDN_SPEC.md``.
+"""
+import warnings
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    DropPath, LayerNorm2d, LayerScale, Mlp, NormMlpClassifierHead, PatchEmbed, calculate_drop_path_rates,
+    register_notrace_function, to_2tuple, trunc_normal_,
+)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
+
+from .diffusion import (
+    DEFAULT_OFFSETS, diffusion_coefficients, linear_diffusion_attention, primary_diffusion,
+    softmax_diffusion_attention, stencil_basis,
+)
+
+__all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention']
+
+ATTN_KERNELS = ('linear', 'softmax')
+
+
+class PrimaryDiffusion(nn.Module):
+    """``δt ⊙ K(H)``: learned multi-scale grid Laplacian with an adaptive, provably stable time step.
+
+    Parameters per channel: ``a_raw`` (``S×C``, ``a_s = softplus(a_raw) ≥ 0``) and ``tau`` (``δt`` through
+    ``sigmoid(τ)`` inside the explicit-Euler bound). Both are excluded from weight decay.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            offsets: Sequence[int] = DEFAULT_OFFSETS,
+            tau_init: float = -1.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        offsets = [int(d) for d in offsets]
+        if not offsets or min(offsets) < 1 or len(set(offsets)) != len(offsets):
+            raise ValueError(f'diffusion offsets must be distinct positive ints, got {offsets}.')
+        self.offsets: List[int] = offsets
+        self.tau_init = tau_init
+        self.a_raw = nn.Parameter(torch.zeros(len(offsets), dim, device=device, dtype=dtype))
+        self.tau = nn.Parameter(torch.full((dim,), tau_init, device=device, dtype=dtype))
+        self.register_buffer('basis', stencil_basis(offsets, device=device), persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        self.basis.copy_(stencil_basis(self.offsets, device=self.basis.device, dtype=self.basis.dtype))
+
+    def coefficients(self) -> torch.Tensor:
+        """``δt·a_s`` per scale and channel, ``(S, C)``."""
+        return diffusion_coefficients(self.a_raw, self.tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return primary_diffusion(x, self.coefficients(), self.basis, self.offsets)
+
+
+class DiffusionAttention(nn.Module):
+    """``W_o · A_diff(U)`` per head: global content-dependent diffusion ``(D⁻¹W − I)·V`` on ``(B, N, C)``."""
+    use_linear: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            kernel: str = 'linear',
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f'embed_dim ({dim}) must be divisible by num_heads ({num_heads}).')
+        if kernel not in ATTN_KERNELS:
+            raise ValueError(f'attn_kernel must be one of {ATTN_KERNELS}, got {kernel!r}.')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.use_linear = kernel == 'linear'
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.use_linear:
+            x = linear_diffusion_attention(q, k, v)
+        else:
+            x = softmax_diffusion_attention(q, k, v)
+        x = self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(x)
+
+
+class LdnBlock(nn.Module):
+    """One LDN layer on a channels-last token map ``(B, h, w, C)``; drop-path on every branch."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            diffusion_offsets: Sequence[int] = DEFAULT_OFFSETS,
+            attn_kernel: str = 'linear',
+            tau_init: float = -1.,
+            ls_init_value: float = 1.,
+            proj_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.diffusion = PrimaryDiffusion(dim, diffusion_offsets, tau_init=tau_init, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = DiffusionAttention(dim, num_heads, qkv_bias=qkv_bias, kernel=attn_kernel, proj_drop=proj_drop, **dd)
+        self.ls1 = LayerScale(dim, init_values=ls_init_value, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.drop_path3 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self.diffusion(x))
+        x = x + self.drop_path2(self.ls1(self.attn(self.norm1(x).reshape(B, H * W, C)))).reshape(B, H, W, C)
+        x = x + self.drop_path3(self.mlp(self.norm2(x)))
+        return x
+
+
+@register_notrace_function
+def check_image_batch(x: torch.Tensor, in_chans: int, patch_size: Tuple[int, int], dynamic_img_pad: bool) -> None:
+    """Reject inputs the model cannot process with a message that names the problem and the fix."""
+    if x.dim() != 4:
+        raise ValueError(
+            'LDN expects an image batch of shape (B, C, H, W), got a ' + str(x.dim()) + '-D tensor of shape '
+            + str(list(x.shape)) + '. For a single image use x.unsqueeze(0).')
+    B, C, H, W = x.shape
+    if C != in_chans:
+        raise ValueError(
+            'LDN was created with in_chans=' + str(in_chans) + ' but the input has ' + str(C)
+            + ' channels (shape ' + str(list(x.shape)) + '). Convert the images, or create the model with in_chans='
+            + str(C) + '.')
+    if B == 0:
+        raise ValueError('Empty batch (B=0): LDN needs at least one image per forward call.')
+    if H < patch_size[0] or W < patch_size[1]:
+        raise ValueError(
+            'Image ' + str(H) + 'x' + str(W) + ' is smaller than one ' + str(patch_size[0]) + 'x'
+            + str(patch_size[1]) + ' patch. Resize it to at least one patch (e.g. to the pretrained input size).')
+    if not dynamic_img_pad and (H % patch_size[0] != 0 or W % patch_size[1] != 0):
+        raise ValueError(
+            'Image ' + str(H) + 'x' + str(W) + ' is not a multiple of the patch size ' + str(patch_size[0]) + 'x'
+            + str(patch_size[1]) + '. Resize or crop to a multiple, or create the model with dynamic_img_pad=True.')
+
+
+class LinearDiffusionNet(nn.Module):
+    """ Linear Diffusion Network: an isotropic stack of LDN blocks on a patch-token grid.
+
+    The same weights run at any input whose sides are multiples of the patch size (no position embedding;
+    the diffusion stencil is position-aware). ``forward_features`` returns an NCHW map of ``num_features``.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 384,
+            depth: int = 12,
+            num_heads: int = 6,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            diffusion_offsets: Sequence[int] = DEFAULT_OFFSETS,
+            attn_kernel: str = 'linear',
+            tau_init: float = -1.,
+            ls_init_value: float = 1.,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            dynamic_img_pad: bool = False,
+            norm_layer: Optional[Callable] = None,
+            act_layer: Optional[Type[nn.Module]] = None,
+            drop_block_rate: Optional[float] = None,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            img_size: Default input size, only recorded in the config: any multiple of the patch size runs.
+            patch_size: Patch (token) size of the stem.
+            in_chans: Number of input image channels.
+            num_classes: Number of classes, 0 for a pooled-feature model.
+            global_pool: '' (spatial output), 'avg', 'max' or 'avgmax'.
+            embed_dim: Token width C.
+            depth: Number of LDN blocks (diffusion steps).
+            num_heads: Heads of the diffusion-based attention.
+            mlp_ratio: Hidden ratio of the local update MLP.
+            diffusion_offsets: Grid offsets of the multi-scale diffusion stencil.
+            attn_kernel: 'linear' (φ(Q)φ(K)ᵀ, linear cost) or 'softmax' (exact exp kernel via SDPA, quadratic).
+            tau_init: Initial τ of the time step, ``δt = sigmoid(τ) / Σ|N_s|a_s``.
+            ls_init_value: Initial per-channel scale γ of the attention branch.
+            drop_rate: Head dropout rate.
+            proj_drop_rate: Dropout after the attention projection and inside the MLP.
+            drop_path_rate: Stochastic depth rate (linear over blocks, applied to every branch).
+            dynamic_img_pad: Pad inputs to a multiple of the patch size instead of rejecting them.
+            drop_block_rate, bn_momentum, bn_eps: Accepted because timm's ``train.py`` may pass them. LDN has
+                no BatchNorm, so ``bn_*`` are ignored with a warning; DropBlock is not supported and a
+                non-zero ``drop_block_rate`` raises (use ``drop_path_rate``).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if drop_block_rate:
+            raise ValueError(
+                f'drop_block_rate={drop_block_rate}: LDN has no DropBlock (it has no conv stages). '
+                'Use drop_path_rate for stochastic depth instead.')
+        if bn_momentum is not None or bn_eps is not None:
+            warnings.warn('LDN has no BatchNorm layers: bn_momentum / bn_eps are ignored.', stacklevel=2)
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = act_layer or nn.GELU
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.patch_size = to_2tuple(patch_size)
+        self.dynamic_img_pad = dynamic_img_pad
+        self.grad_checkpointing = False
+
+        # stem: non-overlapping patch conv + LayerNorm, emitted channels-last
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=norm_layer,
+            output_fmt='NHWC',
+            strict_img_size=False,
+            dynamic_img_pad=dynamic_img_pad,
+            **dd,
+        )
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.Sequential(*[
+            LdnBlock(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                diffusion_offsets=diffusion_offsets,
+                attn_kernel=attn_kernel,
+                tau_init=tau_init,
+                ls_init_value=ls_init_value,
+                proj_drop=proj_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                **dd,
+            )
+            for i in range(depth)])
+        reduction = self.patch_size[0]
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+
+        # head: global average pool over tokens -> LayerNorm -> dropout -> Linear
+        self.head = NormMlpClassifierHead(
+            embed_dim,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=1e-6),
+            **dd,
+        )
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        # diffusion coefficients and time steps set the stability margin; decaying them biases δt, not capacity
+        return {'blocks.*.diffusion.a_raw', 'blocks.*.diffusion.tau'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(
+            stem=r'^patch_embed',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^head\.norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x, self.in_chans, self.patch_size, self.dynamic_img_pad)
+        return self.patch_embed(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Forward features that returns intermediates.
+
+        Args:
+            x: Input image tensor
+            indices: Take last n blocks if int, all if None, select matching indices if sequence
+            norm: Apply the head's LayerNorm (per token) to the intermediates
+            stop_early: Stop iterating over blocks when last desired intermediate hit
+            output_fmt: Shape of intermediate feature outputs, 'NCHW' or 'NHWC'
+            intermediates_only: Only return intermediate features
+        Returns:
+            List of intermediate features or tuple of (final features, intermediates).
+        """
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be one of NCHW or NHWC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        x = self._embed(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+            if i in take_indices:
+                y = x.permute(0, 3, 1, 2)
+                if norm:
+                    y = self.head.norm(y)
+                intermediates.append(y.contiguous() if output_fmt == 'NCHW' else y.permute(0, 2, 3, 1))
+
+        if intermediates_only:
+            return intermediates
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """ Prune blocks (and optionally the head / its norm) not required for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.head.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x.permute(0, 3, 1, 2)  # NCHW view of the channels-last map
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def checkpoint_filter_fn(state_dict: dict, model: LinearDiffusionNet) -> dict:
+    """Accept LDN checkpoints as timm's train.py writes them (bare, ``state_dict``/``model`` wrappers, DDP prefix)."""
+    for key in ('state_dict_ema', 'state_dict', 'model'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def _cfg(url: str = '', **kwargs):
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (14, 14),
+        'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
+        'license': 'apache-2.0', 'paper_name': 'Linear Diffusion Networks',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'ldn_tiny': _cfg(),
+    'ldn_small': _cfg(),
+    'ldn_base': _cfg(),
+})
+
+
+def _create_ldn(variant: str, pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        LinearDiffusionNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def ldn_tiny(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
+    """ LDN-Tiny, 224 px, patch 16, C=192, 12 blocks, 3 heads (DeiT-Ti budget)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_ldn('ldn_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ldn_small(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
+    """ LDN-Small, 224 px, patch 16, C=384, 12 blocks, 6 heads (DeiT-S budget)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_ldn('ldn_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ldn_base(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
+    """ LDN-Base, 224 px, patch 16, C=768, 12 blocks, 12 heads (DeiT-B budget)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_ldn('ldn_base', pretrained=pretrained, **dict(model_args, **kwargs))

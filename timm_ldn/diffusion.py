@@ -164,8 +164,12 @@ def grid_diameter(height: int, width: int, offsets: Sequence[int]) -> int:
 
 
 def positive_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """``φ(x) = elu(x) + 1 > 0``: smooth, strictly positive, linear for large inputs (no overflow)."""
-    return F.elu(x) + 1.
+    """``φ(x) = elu(x) + 1 > 0``: smooth, strictly positive, linear for large inputs (no overflow).
+
+    Written as ``exp(min(x, 0)) + max(x, 0)`` (identical values): ATen's CPU ``elu`` kernel is ~10x slower
+    than ``exp`` and took 12% of ``ldn_small``'s CPU forward.
+    """
+    return torch.exp(x.clamp_max(0.)) + x.clamp_min(0.)
 
 
 def linear_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Subcommands of the ``ldn`` CLI (see ``timm_ldn.cli``)."""

@@ -14,7 +14,7 @@ Paper: 'Linear Diffusion Networks', Jacob Fein-Ashley. Architecture contract: ``
 """
 import warnings
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,7 @@ from .diffusion import (
     DEFAULT_OFFSETS, diffusion_coefficients, linear_diffusion_attention, primary_diffusion,
     softmax_diffusion_attention, stencil_basis,
 )
+from .hub import hub_id, resolve_pretrained_overlay
 
 __all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention']
 
@@ -413,13 +414,81 @@ class LinearDiffusionNet(nn.Module):
         return x
 
 
+# Version of the parameter layout (state-dict names, shapes and parameterisation). Bump it whenever that layout
+# changes and register a converter from the previous version in _LAYOUT_CONVERTERS, so published weights and old
+# train.py checkpoints keep loading. `ldn export` records it in the manifest, config.json and safetensors metadata.
+LDN_LAYOUT_VERSION = 1
+LAYOUT_VERSION_KEY = 'ldn_layout_version'
+# version v -> fn(state_dict) returning the same weights in the layout of version v + 1
+_LAYOUT_CONVERTERS: Dict[int, Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {}
+# timm adapts these itself after the filter (classifier reset for a new num_classes, stem for a new in_chans)
+_ADAPTED_KEYS = ('head.fc.weight', 'head.fc.bias', 'patch_embed.proj.weight')
+
+
+def _layout_version(checkpoint: dict, state_dict: dict) -> int:
+    """Explicit version (a key in the checkpoint wrapper or the state dict), else the current layout."""
+    version = state_dict.pop(LAYOUT_VERSION_KEY, checkpoint.get(LAYOUT_VERSION_KEY, LDN_LAYOUT_VERSION))
+    return int(version.item() if isinstance(version, torch.Tensor) else version)
+
+
+def _format_keys(keys: List[str], limit: int = 8) -> str:
+    shown = ', '.join(keys[:limit])
+    return shown + (f' … (+{len(keys) - limit} more)' if len(keys) > limit else '')
+
+
 def checkpoint_filter_fn(state_dict: dict, model: LinearDiffusionNet) -> dict:
-    """Accept LDN checkpoints as timm's train.py writes them (bare, ``state_dict``/``model`` wrappers, DDP prefix)."""
-    for key in ('state_dict_ema', 'state_dict', 'model'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
+    """Turn any LDN checkpoint into a state dict of the current layout for ``model``.
+
+    Accepts a bare state dict (safetensors / ``torch.save(model.state_dict())``) or a checkpoint as timm's
+    train.py writes it (``checkpoint-*.pth.tar``, ``model_best.pth.tar``: ``state_dict_ema`` preferred over
+    ``state_dict``, also ``model``/``model_ema``), strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile)
+    prefixes, converts older parameter layouts, and refuses a checkpoint of another architecture with an
+    error naming the missing / unexpected / mis-shaped keys (timm would otherwise load it non-strictly
+    when the head is reset, leaving random weights behind).
+    """
+    checkpoint = state_dict
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            state_dict = checkpoint[key]
             break
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(('module.', '_orig_mod.')):
+            k = k.split('.', 1)[1]
+        out[k] = v
+    state_dict = out
+
+    version = _layout_version(checkpoint, state_dict)
+    if version > LDN_LAYOUT_VERSION:
+        raise RuntimeError(
+            f'Checkpoint has LDN parameter layout v{version}, this timm-ldn reads up to v{LDN_LAYOUT_VERSION}. '
+            'Upgrade timm-ldn.')
+    for v in range(version, LDN_LAYOUT_VERSION):
+        if v not in _LAYOUT_CONVERTERS:
+            raise RuntimeError(f'No converter from LDN parameter layout v{v} to v{v + 1}.')
+        state_dict = _LAYOUT_CONVERTERS[v](state_dict)
+
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state_dict and k not in _ADAPTED_KEYS)
+    unexpected = sorted(k for k in state_dict if k not in expected and k not in _ADAPTED_KEYS)
+    mis_shaped = sorted(
+        f'{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}' for k in expected
+        if k in state_dict and k not in _ADAPTED_KEYS
+        and isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape != expected[k].shape)
+    if missing or unexpected or mis_shaped:
+        arch = checkpoint.get('arch')
+        problems = [
+            f'{len(missing)} missing keys ({_format_keys(missing)})' if missing else '',
+            f'{len(unexpected)} unexpected keys ({_format_keys(unexpected)})' if unexpected else '',
+            f'{len(mis_shaped)} shape mismatches ({_format_keys(mis_shaped, 3)})' if mis_shaped else '',
+        ]
+        raise RuntimeError(
+            f'Checkpoint does not fit this {type(model).__name__} '
+            f'(embed_dim={getattr(model, "embed_dim", "?")}, depth={len(getattr(model, "blocks", []))})'
+            + (f', it was saved for arch={arch!r}' if isinstance(arch, str) else '') + ': '
+            + '; '.join(p for p in problems if p)
+            + '. Is it a checkpoint of another architecture or model size?')
+    return state_dict
 
 
 def _cfg(url: str = '', **kwargs):
@@ -434,6 +503,10 @@ def _cfg(url: str = '', **kwargs):
     }
 
 
+# Published weights: one '<arch>.<tag>' entry per weight file, each with hf_hub_id=hub_id('<arch>.<tag>') (the Hub
+# namespace lives in timm_ldn.hub) and a matching weights/manifest.json entry written by `ldn export`; loading
+# verifies the file's sha256 against that entry. Untagged entries below have no weights: pretrained=True on them
+# raises NoPretrainedWeightsError listing the tags that do.
 default_cfgs = generate_default_cfgs({
     'ldn_tiny': _cfg(),
     'ldn_small': _cfg(),
@@ -443,6 +516,15 @@ default_cfgs = generate_default_cfgs({
 
 def _create_ldn(variant: str, pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
     out_indices = kwargs.pop('out_indices', 3)
+    if pretrained:
+        # timm downloads and loads; first refuse tags without weights (never silently random) and swap a
+        # published Hub file for its sha256-verified cached copy (see timm_ldn.hub)
+        kwargs['pretrained_cfg_overlay'] = resolve_pretrained_overlay(
+            variant,
+            pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+            cache_dir=kwargs.get('cache_dir'),
+        )
     return build_model_with_cfg(
         LinearDiffusionNet,
         variant,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 __all__ = [
-    'DEFAULT_OFFSETS', 'stencil_basis', 'diffusion_coefficients', 'time_step', 'border_correction',
+    'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'diffusion_coefficients', 'time_step', 'border_correction',
     'primary_diffusion', 'laplacian_reference', 'positive_feature_map', 'linear_diffusion_attention',
     'softmax_diffusion_attention', 'diffusion_attention_reference', 'grid_diameter',
 ]
@@ -28,6 +28,7 @@ __all__ = [
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
 DEFAULT_OFFSETS: Tuple[int, ...] = (1, 2, 4)
 NEIGHBOURS_PER_SCALE = 4  # ±d along each of the two grid axes
+MAX_STEP_FRACTION = 0.99  # largest δt as a fraction of the explicit-Euler limit
 
 
 def stencil_basis(
@@ -52,21 +53,28 @@ def stencil_basis(
     return basis
 
 
-def time_step(a: torch.Tensor, tau: torch.Tensor, neighbours_per_scale: int = NEIGHBOURS_PER_SCALE) -> torch.Tensor:
-    """Adaptive time step ``δt = sigmoid(τ) / Σ_s |N_s|·a_s`` per channel, ``(C,)``.
+def time_step(
+        a: torch.Tensor,
+        tau: torch.Tensor,
+        neighbours_per_scale: int = NEIGHBOURS_PER_SCALE,
+        max_step_fraction: float = MAX_STEP_FRACTION,
+) -> torch.Tensor:
+    """Adaptive time step ``δt = 0.99·sigmoid(τ) / Σ_s |N_s|·a_s`` per channel, ``(C,)``.
 
-    ``sigmoid(τ) < 1`` keeps ``δt`` strictly inside the explicit-Euler bound ``1 / Σ_s |N_s|·a_s``, so
+    ``0.99·sigmoid(τ) < 1`` keeps ``δt`` strictly inside the explicit-Euler bound ``1 / Σ_s |N_s|·a_s``, so
     ``I + δt·K`` is a convex averaging operator for every value of the parameters.
     """
     # the floor only matters when every a_s underflows to 0; it shrinks δt further, never past the bound
     rate = (neighbours_per_scale * a.sum(0)).clamp_min(1e-6)
-    return torch.sigmoid(tau) / rate
+    # sigmoid(τ) rounds to exactly 1 for τ ≳ 17 (fp32) or ≳ 6 (bf16); the margin keeps δt strictly inside the
+    # bound there too, so the diagonal of I + δt·K stays positive (needed by Theorem 1), with gradients intact
+    return (max_step_fraction * torch.sigmoid(tau)) / rate
 
 
 def diffusion_coefficients(a_raw: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Per-scale edge weights of one diffusion step, ``δt·a_s``, shape ``(S, C)``.
 
-    ``a_s = softplus(a_raw_s) ≥ 0``; the result is non-negative and ``Σ_s |N_s|·δt·a_s = sigmoid(τ) < 1``.
+    ``a_s = softplus(a_raw_s) ≥ 0``; the result is non-negative and ``Σ_s |N_s|·δt·a_s = 0.99·sigmoid(τ) < 1``.
     """
     a = F.softplus(a_raw)
     return a * time_step(a, tau)

@@ -511,6 +511,11 @@ default_cfgs = generate_default_cfgs({
     'ldn_tiny': _cfg(),
     'ldn_small': _cfg(),
     'ldn_base': _cfg(),
+    # 28 px grayscale (Fashion-MNIST): patch 4 -> 7x7 tokens; mean/std of the Fashion-MNIST training pixels,
+    # crop_pct 1.0 so the eval transform is the identity on 28x28 images
+    'ldn_nano_patch4_28': _cfg(
+        num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation='bilinear',
+        mean=(0.2859,), std=(0.3529,)),
 })
 
 
@@ -554,3 +559,16 @@ def ldn_base(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
     """ LDN-Base, 224 px, patch 16, C=768, 12 blocks, 12 heads (DeiT-B budget)."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_ldn('ldn_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ldn_nano_patch4_28(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
+    """ LDN-Nano for 28 px grayscale (Fashion-MNIST), patch 4, C=96, 6 blocks, 3 heads.
+
+    7x7 token grid: offsets (1, 2) give graph diameter 6 = depth (Theorem 1: every output token sees every
+    input token through diffusion alone) with a 5x5 stencil; (1, 2, 4) would need 9x9 taps on a 7x7 grid.
+    """
+    model_args = dict(
+        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
+        diffusion_offsets=(1, 2))
+    return _create_ldn('ldn_nano_patch4_28', pretrained=pretrained, **dict(model_args, **kwargs))

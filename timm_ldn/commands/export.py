@@ -9,6 +9,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -334,7 +335,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         entry = export_checkpoint(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except pickle.UnpicklingError as e:  # weights_only=True refused a pickled object: never run checkpoint code
+        print(f'ldn export: {args.checkpoint} contains pickled objects beyond tensors and train.py args; refusing '
+              f'to unpickle them ({e}). Re-save the state dict or export to safetensors.', file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, OSError) as e:
         print(f'ldn export: {e}', file=sys.stderr)
         return 2
     registered, namespace_ok = entry.pop('_registered'), entry.pop('_namespace_ok')

@@ -1,0 +1,128 @@
+""" ``ldn predict`` / ``ldn info`` (in-process, offline: weights come from the manifest's verified local copy)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hub_helpers as H  # noqa: E402  registers ldn_hubtest
+
+from timm_ldn import hub  # noqa: E402
+from timm_ldn.cli import main as ldn_main  # noqa: E402
+
+TAG = f'{H.ARCH}.{H.GOOD}'
+
+
+@pytest.fixture(scope='module')
+def repos(tmp_path_factory):
+    return H.write_fixture_repos(tmp_path_factory.mktemp('cli'))
+
+
+@pytest.fixture
+def offline_manifest(repos, monkeypatch):
+    """Use the test manifest and make any Hub access fail: predict / info must work from the local copy."""
+    monkeypatch.setenv(hub.MANIFEST_ENV, str(repos['manifest']))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError('tried to download although a verified local copy exists')
+    monkeypatch.setattr(hub, '_download', no_network)
+    return repos['manifest']
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    g = torch.Generator().manual_seed(0)
+    for i in range(11):  # ≥ 10: the progress bar path
+        sub = root / ('sub' if i % 2 else '')
+        sub.mkdir(exist_ok=True)
+        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(sub / f'img{i:02d}.png')
+    (root / 'broken.png').write_bytes(b'not an image at all')
+    (root / 'notes.txt').write_text('ignored: not an image extension')
+    return root
+
+
+def _predict_json(capsys, *argv):
+    rc = ldn_main(['predict', *argv, '--json'])
+    out = capsys.readouterr()
+    return rc, [json.loads(line) for line in out.out.splitlines()], out.err
+
+
+def test_predict_folder_topk_with_class_names(offline_manifest, images, capsys):
+    rc, rows, err = _predict_json(capsys, str(images), '--model', TAG, '--topk', '3')
+    assert rc == 0
+    assert len(rows) == 11 and all(len(r['topk']) == 3 for r in rows)
+    assert all(p['label'] == f'class_{p["index"]}' for r in rows for p in r['topk'])
+    assert 'verified local copy' in err
+    assert 'skipped' in err and 'broken.png' in err and 'notes.txt' not in err
+    assert '12/12' in err  # the progress bar ran over every image file (broken.png included)
+
+
+def test_predict_matches_model_with_timm_preprocessing(offline_manifest, images, capsys):
+    path = images / 'img00.png'
+    rc, rows, _ = _predict_json(capsys, str(path), '--model', TAG, '--topk', '1')
+    assert rc == 0
+    local = hub.local_weight_file(TAG)
+    model = timm.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(file=str(local))).eval()
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg['input_size'] == (3, 32, 32) and cfg['mean'] == (0.5, 0.5, 0.5)
+    x = timm.data.create_transform(**cfg)(Image.open(path).convert('RGB')).unsqueeze(0)
+    with torch.no_grad():
+        prob, idx = model(x).softmax(-1).topk(1)
+    assert rows[0]['topk'][0]['index'] == idx.item()
+    assert rows[0]['topk'][0]['prob'] == pytest.approx(prob.item(), abs=1e-6)
+
+
+def test_predict_text_output_and_nothing_readable(offline_manifest, images, tmp_path, capsys):
+    assert ldn_main(['predict', str(images / 'img00.png'), '--model', TAG]) == 0
+    assert capsys.readouterr().out.startswith(f'{images / "img00.png"}: class_')
+    rc = ldn_main(['predict', str(images / 'broken.png'), str(tmp_path / 'missing.jpg'), '--model', TAG])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert 'skipped' in err and 'missing.jpg' in err and 'no readable image' in err
+
+
+def test_predict_refuses_tampered_local_copy(offline_manifest, images, tmp_path, monkeypatch, capsys):
+    manifest = hub.load_manifest()
+    entry = manifest['weights'][TAG]
+    bad = tmp_path / 'weights' / entry['local_file']
+    bad.parent.mkdir(parents=True)
+    data = bytearray((offline_manifest.parent / entry['local_file']).read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    hub.save_manifest(manifest, tmp_path / 'weights' / 'manifest.json')
+    monkeypatch.setenv(hub.MANIFEST_ENV, str(tmp_path / 'weights' / 'manifest.json'))
+    rc = ldn_main(['predict', str(images / 'img00.png'), '--model', TAG])
+    assert rc == 2 and 'Checksum mismatch' in capsys.readouterr().err
+
+
+def test_predict_without_weights_is_an_error(images, capsys):
+    rc = ldn_main(['predict', str(images / 'img00.png'), '--model', 'ldn_tiny'])
+    assert rc == 2 and 'No pretrained weights are published for ldn_tiny' in capsys.readouterr().err
+
+
+def test_info_reports_size_gmacs_cfg_and_weights(offline_manifest, capsys):
+    assert ldn_main(['info', TAG, '--json']) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = timm.create_model(TAG)
+    assert info['params'] == sum(p.numel() for p in model.parameters())
+    assert info['pretrained_cfg']['input_size'] == [3, 32, 32] and info['num_labels'] == H.NUM_CLASSES
+    w = info['weights'][TAG]
+    assert w['hf_hub_id'] == hub.hub_id(TAG) and w['local_file'].endswith('model.safetensors')
+    assert info['weights'][f'{H.ARCH}.{H.UNLISTED}'] == {}  # registered but unverifiable
+    # linear cost: 4x the tokens is ~4x the MACs
+    assert ldn_main(['info', TAG, '--json', '--input-size', '3', '64', '64']) == 0
+    ratio = json.loads(capsys.readouterr().out)['gmacs'] / info['gmacs']
+    assert 3.5 < ratio < 4.5, ratio
+
+
+def test_info_text_for_model_without_weights(capsys):
+    assert ldn_main(['info', 'ldn_tiny', '--input-size', '3', '32', '32']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('ldn_tiny: ') and 'GMACs' in out and 'none published for ldn_tiny' in out
+    assert ldn_main(['info', 'no_such_model']) == 2

@@ -32,7 +32,7 @@ from .diffusion import (
     DEFAULT_OFFSETS, diffusion_coefficients, linear_diffusion_attention, primary_diffusion,
     softmax_diffusion_attention, stencil_basis,
 )
-from .hub import hub_id, resolve_pretrained_overlay
+from .hub import hub_id, resolve_pretrained_overlay  # noqa: F401  hub_id names the Hub repos of published cfgs
 
 __all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention']
 

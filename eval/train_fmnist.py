@@ -1,0 +1,355 @@
+"""Train an LDN variant or its same-size ViT/DeiT baseline on Fashion-MNIST with timm's own components.
+
+timm's ``train.py`` is not part of the pip package, so this short driver calls exactly the pieces it uses:
+``create_dataset`` / ``create_loader`` (timm transforms), ``create_optimizer_v2``, ``create_scheduler_v2``,
+``ModelEmaV3`` and ``CheckpointSaver``. The recipe is a train.py-format yaml (``eval/recipes/fmnist.yaml``),
+applied identically to both models.
+
+    python eval/fmnist_data.py                                   # once: ImageFolder tree in eval/data/fmnist
+    nice -n 19 python eval/train_fmnist.py --model ldn_nano_patch4_28
+    nice -n 19 python eval/train_fmnist.py --model vit_nano_patch4_28      # baseline (see BASELINES)
+    nice -n 19 python eval/train_fmnist.py --model ldn_nano_patch4_28 --resume   # continue after interruption
+    python eval/train_fmnist.py --summarize ldn_nano_patch4_28 vit_nano_patch4_28  # results json/csv/png
+
+Per run (``eval/runs/<model>/``): ``last.pth.tar`` / ``model_best.pth.tar`` (CheckpointSaver), ``log.csv``
+(one row per epoch). After the last epoch the best-on-validation weights (raw or EMA, whichever validates
+higher) are evaluated once on the test split and ``eval/results/fmnist_<model>.json`` is written.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import yaml
+
+import timm
+from timm.data import create_dataset, create_loader
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import CheckpointSaver, ModelEmaV3, accuracy
+
+import timm_ldn  # noqa: F401  registers ldn_* with timm
+
+EVAL_DIR = Path(__file__).resolve().parent
+ROOT = EVAL_DIR.parent
+DEFAULT_RECIPE = EVAL_DIR / 'recipes' / 'fmnist.yaml'
+RUNS_DIR = EVAL_DIR / 'runs'
+RESULTS_DIR = EVAL_DIR / 'results'
+
+# Same-size ViT/DeiT baselines: a timm vit_* entry point with its architecture overridden to match the LDN
+# variant (patch, image size, width, depth, heads, MLP ratio 4, in_chans=1). DeiT-style class token + learned
+# position embedding, which is what a plain timm ViT is.
+BASELINES: Dict[str, Dict[str, Any]] = {
+    'vit_nano_patch4_28': dict(
+        entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.),
+}
+
+
+def load_recipe(path: Path) -> Dict[str, Any]:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def build_model(name: str, recipe: Dict[str, Any]) -> nn.Module:
+    """The LDN variant (registered in timm_ldn) or a baseline from ``BASELINES``, both through timm.create_model."""
+    common = dict(num_classes=recipe['num_classes'], in_chans=recipe['in_chans'], drop_path_rate=recipe['drop_path'])
+    if name in BASELINES:
+        cfg = dict(BASELINES[name])
+        return timm.create_model(cfg.pop('entry'), pretrained=False, **cfg, **common)
+    return timm.create_model(name, pretrained=False, **common)
+
+
+def count_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
+    """GMACs of one forward at batch 1 (FlopCounterMode counts FLOPs; MACs = FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.eval()
+    # timm's ViT attention calls the fused CPU SDPA kernel, which FlopCounterMode does not count; the explicit
+    # q@kᵀ / softmax / @v path is the same math and is counted, so both models' attention MACs are included
+    for m in model.modules():
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = False
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, *input_size))
+    return fc.get_total_flops() / 2 / 1e9
+
+
+def make_loader(recipe: Dict[str, Any], split: str, training: bool, batch_size: int) -> torch.utils.data.DataLoader:
+    root = Path(recipe['data_dir'])
+    if not root.is_absolute():
+        root = ROOT / root
+    if not (root / split).is_dir():
+        raise FileNotFoundError(f'{root / split} missing: run `python eval/fmnist_data.py` first.')
+    ds = create_dataset(
+        recipe['dataset'], root=str(root), split=split, is_training=training,
+        input_img_mode=recipe['input_img_mode'])
+    kw = dict(
+        input_size=tuple(recipe['input_size']), batch_size=batch_size, is_training=training,
+        interpolation=recipe['interpolation'], mean=tuple(recipe['mean']), std=tuple(recipe['std']),
+        crop_pct=recipe['crop_pct'], num_workers=recipe['workers'], use_prefetcher=False,
+        device=torch.device('cpu'), persistent_workers=recipe['workers'] > 0)
+    if training:
+        kw.update(
+            scale=tuple(recipe['scale']), ratio=tuple(recipe['ratio']), hflip=recipe['hflip'], vflip=recipe['vflip'],
+            color_jitter=recipe['color_jitter'], re_prob=recipe['reprob'], re_mode=recipe['remode'])
+    return create_loader(ds, **kw)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, max_batches: int = 0) -> Dict[str, float]:
+    model.eval()
+    n, loss_sum, top1, top5 = 0, 0., 0., 0.
+    for i, (x, y) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        out = model(x)
+        loss_sum += nn.functional.cross_entropy(out, y, reduction='sum').item()
+        a1, a5 = accuracy(out, y, topk=(1, 5))
+        top1 += a1.item() * len(y) / 100
+        top5 += a5.item() * len(y) / 100
+        n += len(y)
+    return dict(loss=loss_sum / n, top1=100 * top1 / n, top5=100 * top5 / n)
+
+
+def _read_log(path: Path) -> List[Dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _write_log(path: Path, rows: List[Dict[str, Any]]) -> None:
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    recipe = load_recipe(args.config)
+    for k in ('epochs', 'batch_size', 'lr', 'seed', 'workers'):
+        if getattr(args, k) is not None:
+            recipe[k] = getattr(args, k)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(recipe['seed'])
+
+    run_dir = RUNS_DIR / (args.experiment or args.model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.model, recipe)
+    input_size = tuple(recipe['input_size'])
+    params = sum(p.numel() for p in model.parameters())
+    gmacs = count_macs(model, input_size)
+    print(f'{args.model}: {params / 1e6:.3f} M params, {gmacs:.4f} GMACs @ {input_size}', flush=True)
+
+    train_loader = make_loader(recipe, recipe['train_split'], True, recipe['batch_size'])
+    val_loader = make_loader(recipe, recipe['val_split'], False, recipe['validation_batch_size'])
+    updates_per_epoch = len(train_loader)
+
+    optimizer = create_optimizer_v2(
+        model, opt=recipe['opt'], lr=recipe['lr'], weight_decay=recipe['weight_decay'],
+        betas=tuple(recipe['opt_betas']))
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=recipe['sched'], num_epochs=recipe['epochs'], warmup_epochs=recipe['warmup_epochs'],
+        warmup_lr=recipe['warmup_lr'], min_lr=recipe['min_lr'], step_on_epochs=not recipe['sched_on_updates'],
+        updates_per_epoch=updates_per_epoch)
+    model_ema = ModelEmaV3(model, decay=recipe['model_ema_decay'], use_warmup=recipe['model_ema_warmup']) \
+        if recipe['model_ema'] else None
+    loss_fn = LabelSmoothingCrossEntropy(smoothing=recipe['smoothing'])
+    # bf16 autocast as train.py's --amp --amp-dtype bfloat16: on avx512_bf16 CPUs it speeds up both models'
+    # matmuls; weights, optimizer and EMA stay fp32, the final test evaluation runs in fp32
+    amp_dtype = getattr(torch, recipe.get('amp_dtype', 'bfloat16'))
+    amp_ctx = partial(torch.autocast, 'cpu', dtype=amp_dtype, enabled=bool(recipe.get('amp')))
+    saver = CheckpointSaver(
+        model, optimizer, model_ema=model_ema, checkpoint_dir=str(run_dir), recovery_dir=str(run_dir),
+        max_history=recipe['checkpoint_hist'])
+
+    log_path = run_dir / 'log.csv'
+    start_epoch, rows = 0, []
+    if args.resume:
+        ckpt_path = run_dir / 'last.pth.tar' if args.resume == 'auto' else Path(args.resume)
+        if ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+            model.load_state_dict(ckpt['state_dict'])
+            optimizer.load_state_dict(ckpt['optimizer'])
+            if model_ema is not None and 'state_dict_ema' in ckpt:
+                model_ema.module.load_state_dict(ckpt['state_dict_ema'])
+            start_epoch = ckpt['epoch'] + 1  # saver writes the epoch just completed
+            saver.load_state_dict_from_checkpoint(str(ckpt_path))
+            rows = [r for r in _read_log(log_path) if int(r['epoch']) < start_epoch]
+            print(f'resumed from {ckpt_path} at epoch {start_epoch}', flush=True)
+        else:
+            print(f'--resume: no checkpoint at {ckpt_path}, starting from scratch', flush=True)
+
+    num_updates = start_epoch * updates_per_epoch
+    train_time = sum(float(r['train_s']) for r in rows)
+    for epoch in range(start_epoch, num_epochs):
+        model.train()
+        t0 = time.perf_counter()
+        n, loss_sum, correct = 0, 0., 0
+        for i, (x, y) in enumerate(train_loader):
+            if args.max_batches and i >= args.max_batches:
+                break
+            with amp_ctx():
+                out = model(x)
+                loss = loss_fn(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe['clip_grad']:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe['clip_grad'])
+            optimizer.step()
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+            if model_ema is not None:
+                model_ema.update(model, step=num_updates)
+            n += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(-1) == y).sum().item()
+            if args.log_interval and (i + 1) % args.log_interval == 0:
+                el = time.perf_counter() - t0
+                print(f'  epoch {epoch} step {i + 1}/{updates_per_epoch} loss {loss_sum / n:.4f} '
+                      f'{n / el:.0f} img/s', flush=True)
+        epoch_train_s = time.perf_counter() - t0
+        train_time += epoch_train_s
+        scheduler.step(epoch + 1)
+
+        with amp_ctx():
+            val = evaluate(model, val_loader, args.max_batches)
+            val_ema = evaluate(model_ema.module, val_loader, args.max_batches) if model_ema is not None else None
+        metric = max(val['top1'], val_ema['top1'] if val_ema else -1.)
+        saver.save_checkpoint(epoch, metric=metric)
+        epoch_s = time.perf_counter() - t0
+        row = dict(
+            epoch=epoch, lr=optimizer.param_groups[0]['lr'], train_loss=loss_sum / n, train_top1=100 * correct / n,
+            val_loss=val['loss'], val_top1=val['top1'], val_ema_top1=val_ema['top1'] if val_ema else '',
+            img_s=n / epoch_train_s, train_s=epoch_train_s, epoch_s=epoch_s, cum_train_s=train_time)
+        rows.append(row)
+        _write_log(log_path, rows)
+        eta = epoch_s * (num_epochs - epoch - 1)
+        print(f'epoch {epoch + 1}/{num_epochs} loss {row["train_loss"]:.4f} train {row["train_top1"]:.2f}% '
+              f'val {val["top1"]:.2f}% val_ema {val_ema["top1"] if val_ema else float("nan"):.2f}% '
+              f'{row["img_s"]:.0f} img/s epoch {epoch_s:.0f}s ETA {eta / 60:.1f} min', flush=True)
+
+    return final_test(args, recipe, run_dir, params, gmacs, rows)
+
+
+def final_test(
+        args: argparse.Namespace, recipe: Dict[str, Any], run_dir: Path, params: int, gmacs: float,
+        rows: List[Dict[str, Any]],
+) -> Dict[str, Any]:
+    """Pick the best validation checkpoint and weights (raw or EMA), then touch the test split once."""
+    best = torch.load(run_dir / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    ep = best['epoch']
+    row = next(r for r in rows if int(r['epoch']) == ep)
+    use_ema = 'state_dict_ema' in best and row['val_ema_top1'] != '' and \
+        float(row['val_ema_top1']) >= float(row['val_top1'])
+    model = build_model(args.model, recipe)
+    model.load_state_dict(best['state_dict_ema' if use_ema else 'state_dict'])
+    torch.save(model.state_dict(), run_dir / 'best_weights.pth')
+    test = evaluate(model, make_loader(recipe, 'test', False, recipe['validation_batch_size']), args.max_batches)
+    summary = dict(
+        model=args.model, architecture=BASELINES.get(args.model, {}).get('entry', args.model),
+        arch_overrides={k: v for k, v in BASELINES.get(args.model, {}).items() if k != 'entry'},
+        params=params, gmacs=gmacs, epochs=len(rows), best_epoch=ep + 1, weights='ema' if use_ema else 'raw',
+        val_top1=float(row['val_ema_top1'] if use_ema else row['val_top1']),
+        test_top1=test['top1'], test_top5=test['top5'],
+        train_img_s=sum(float(r['img_s']) * float(r['train_s']) for r in rows) / sum(float(r['train_s']) for r in rows),
+        train_wall_s=sum(float(r['epoch_s']) for r in rows), threads=args.threads,
+        recipe=str(Path(args.config).resolve().relative_to(ROOT)) if Path(args.config).resolve().is_relative_to(ROOT)
+        else str(args.config),
+        log=str((run_dir / 'log.csv').relative_to(ROOT)),
+    )
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS_DIR / f'fmnist_{args.experiment or args.model}.json', 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2), flush=True)
+    return summary
+
+
+def summarize(names: List[str]) -> None:
+    """Side-by-side table (json + csv) and learning curves of finished runs."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    runs = []
+    for name in names:
+        with open(RESULTS_DIR / f'fmnist_{name}.json') as f:
+            s = json.load(f)
+        s['curve'] = _read_log(ROOT / s['log'])
+        runs.append(s)
+    keys = ['model', 'architecture', 'params', 'gmacs', 'epochs', 'best_epoch', 'weights', 'val_top1', 'test_top1',
+            'test_top5', 'train_img_s', 'train_wall_s']
+    with open(RESULTS_DIR / 'fmnist_results.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for s in runs:
+            w.writerow({k: s[k] for k in keys})
+    ldn, base = runs[0], runs[1] if len(runs) > 1 else None
+    out = dict(runs={s['model']: {k: v for k, v in s.items() if k != 'curve'} for s in runs})
+    if base is not None:
+        out['comparison'] = dict(
+            ldn_minus_baseline_test_top1=ldn['test_top1'] - base['test_top1'],
+            ldn_over_baseline_train_img_s=ldn['train_img_s'] / base['train_img_s'],
+            ldn_over_baseline_params=ldn['params'] / base['params'],
+            ldn_over_baseline_gmacs=ldn['gmacs'] / base['gmacs'],
+            targets=dict(
+                ldn_test_top1_ge_92=ldn['test_top1'] >= 92.0,
+                ldn_ge_baseline=ldn['test_top1'] >= base['test_top1'],
+                ldn_throughput_ge_0_8x=ldn['train_img_s'] >= 0.8 * base['train_img_s']))
+    with open(RESULTS_DIR / 'fmnist_results.json', 'w') as f:
+        json.dump(out, f, indent=2)
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    for s in runs:
+        ep = [int(r['epoch']) + 1 for r in s['curve']]
+        ax0.plot(ep, [float(r['train_loss']) for r in s['curve']], label=f"{s['model']} train loss")
+        ax0.plot(ep, [float(r['val_loss']) for r in s['curve']], '--', label=f"{s['model']} val loss")
+        ax1.plot(ep, [float(r['val_top1']) for r in s['curve']], label=f"{s['model']} val")
+        if s['curve'] and s['curve'][0]['val_ema_top1']:
+            ax1.plot(ep, [float(r['val_ema_top1']) for r in s['curve']], '--', label=f"{s['model']} val (EMA)")
+        ax1.plot(ep, [float(r['train_top1']) for r in s['curve']], ':', label=f"{s['model']} train (aug)")
+    ax0.set(xlabel='epoch', ylabel='loss', title='Fashion-MNIST: loss')
+    ax1.set(xlabel='epoch', ylabel='top-1 (%)', title='Fashion-MNIST: accuracy', ylim=(80, 100))
+    for ax in (ax0, ax1):
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / 'fmnist_curves.png', dpi=120)
+    print(json.dumps(out, indent=2))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', type=Path, default=DEFAULT_RECIPE, help='train.py-format recipe yaml')
+    p.add_argument('--model', help='ldn_* variant or a baseline in BASELINES: ' + ', '.join(BASELINES))
+    p.add_argument('--experiment', default='', help='run folder name under eval/runs (default: model name)')
+    p.add_argument('--resume', nargs='?', const='auto', default='',
+                   help='continue from eval/runs/<run>/last.pth.tar (or a given checkpoint)')
+    p.add_argument('--epochs', type=int, default=None)
+    p.add_argument('--batch-size', dest='batch_size', type=int, default=None)
+    p.add_argument('--lr', type=float, default=None)
+    p.add_argument('--seed', type=int, default=None)
+    p.add_argument('--workers', type=int, default=None)
+    p.add_argument('--threads', type=int, default=2, help='torch intra-op threads (2 cores are shared)')
+    p.add_argument('--max-batches', type=int, default=0, help='smoke test: stop each epoch after N batches')
+    p.add_argument('--log-interval', type=int, default=50)
+    p.add_argument('--summarize', nargs='+', metavar='RUN', help='write fmnist_results.{json,csv} + curves')
+    args = p.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
+    if not args.model:
+        p.error('--model is required')
+    train(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -102,8 +102,8 @@ def test_predict_refuses_tampered_local_copy(offline_manifest, images, tmp_path,
 
 
 def test_predict_without_weights_is_an_error(images, capsys):
-    rc = ldn_main(['predict', str(images / 'img00.png'), '--model', 'ldn_tiny'])
-    assert rc == 2 and 'No pretrained weights are published for ldn_tiny' in capsys.readouterr().err
+    rc = ldn_main(['predict', str(images / 'img00.png'), '--model', f'{H.ARCH}.{H.NO_WEIGHTS}'])
+    assert rc == 2 and f'No pretrained weights are published for {H.ARCH}.{H.NO_WEIGHTS}' in capsys.readouterr().err
 
 
 def test_info_reports_size_gmacs_cfg_and_weights(offline_manifest, capsys):

@@ -50,7 +50,7 @@ RESULTS_DIR = EVAL_DIR / 'results'
 # position embedding, which is what a plain timm ViT is.
 BASELINES: Dict[str, Dict[str, Any]] = {
     'vit_nano_patch4_28': dict(
-        entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.),
+        entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.),
 }
 
 

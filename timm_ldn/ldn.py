@@ -563,12 +563,12 @@ def ldn_base(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
 
 @register_model
 def ldn_nano_patch4_28(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
-    """ LDN-Nano for 28 px grayscale (Fashion-MNIST), patch 4, C=96, 6 blocks, 3 heads.
+    """ LDN-Nano for 28 px grayscale (Fashion-MNIST), patch 4, C=64, 6 blocks, 2 heads (0.3 M params).
 
     7x7 token grid: offsets (1, 2) give graph diameter 6 = depth (Theorem 1: every output token sees every
     input token through diffusion alone) with a 5x5 stencil; (1, 2, 4) would need 9x9 taps on a 7x7 grid.
     """
     model_args = dict(
-        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
+        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=2,
         diffusion_offsets=(1, 2))
     return _create_ldn('ldn_nano_patch4_28', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -3,23 +3,16 @@ import argparse
 import json
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 
 __all__ = ['add_arguments', 'run', 'model_stats']
 
 
 def model_stats(model: nn.Module, input_size: Sequence[int]) -> Tuple[int, float]:
-    """(parameter count, GMACs for one image of ``input_size``); MACs counted as FLOPs / 2 by torch's counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-    params = sum(p.numel() for p in model.parameters())
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, *input_size))
-    model.train(was_training)
-    return params, counter.get_total_flops() / 2 / 1e9
+    """(parameter count, GMACs for one image of ``input_size``), by the project's shared counter
+    (``timm_ldn.profiling``: FlopCounterMode, MACs = FLOPs / 2, attention made visible to the counter)."""
+    from timm_ldn.profiling import count_cost, count_params
+    return count_params(model), count_cost(model, input_size)['gmacs']
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -194,10 +194,10 @@ def check_weight_file(path: Union[str, Path]) -> None:
         raise WeightsError(f'Weight file {path} is truncated or not a safetensors file: {problem}.')
 
 
-def tags_with_weights(filter: str = 'ldn_*') -> List[str]:
-    """Registered LDN ``architecture.tag`` names whose pretrained cfg points at weights."""
+def tags_with_weights(pattern: str = 'ldn_*') -> List[str]:
+    """Registered ``architecture.tag`` names matching ``pattern`` whose pretrained cfg points at weights."""
     import timm
-    return timm.list_pretrained(filter)
+    return timm.list_pretrained(pattern)
 
 
 def probe_input(input_size: Tuple[int, int, int], batch_size: int = 1) -> torch.Tensor:

@@ -52,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = get_pretrained_cfg(args.model)
     except RuntimeError as e:
-        print(f'{e} Tags with weights: {", ".join(tags_with_weights(arch + "*")) or "none"}.')
+        print(f'{e} Tags with weights: {", ".join(tags_with_weights(arch + ".*")) or "none"}.')
         return 2
     cfg = cfg.to_dict() if cfg is not None else {}
     input_size = tuple(args.input_size or cfg.get('input_size') or (3, 224, 224))
     model = timm.create_model(args.model, pretrained=False)
     params, gmacs = model_stats(model, input_size)
-    published = {t: _weights_info(t) for t in tags_with_weights(arch + '*')}
+    published = {t: _weights_info(t) for t in tags_with_weights(arch + '.*')}
     report = dict(
         model=args.model,
         architecture=arch,

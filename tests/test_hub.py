@@ -290,3 +290,14 @@ def test_export_refuses_checkpoint_of_other_size(tmp_path, capsys):
     assert rc == 2
     assert 'shape mismatches' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
+
+
+def test_export_from_safetensors_state_dict(repos, tmp_path, capsys):
+    from timm_ldn.cli import main as ldn_main
+    out = tmp_path / 'out'
+    rc = ldn_main(['export', str(repos['export'] / 'model.safetensors'), '--model', f'{H.ARCH}.{H.GOOD}',
+                   '--output', str(out), '--no-manifest', '--eval', 'top1=1', '--recipe', 'r', '--data', 'd',
+                   '--reproduce', 'x'])
+    assert rc == 0, capsys.readouterr().err
+    # same tensors in, same bytes out: export is deterministic
+    assert hub.sha256_file(out / 'model.safetensors') == hub.sha256_file(repos['export'] / 'model.safetensors')

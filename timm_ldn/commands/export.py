@@ -270,9 +270,9 @@ def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / WEIGHTS_FILENAME
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(
-        tensors, str(weights_path),
-        metadata={'format': 'pt', 'model': name, 'ldn_layout_version': str(LDN_LAYOUT_VERSION)})
+    # one metadata key only: safetensors writes metadata in hash-map order, so more keys would make the bytes (and
+    # the manifest sha256) differ between runs; the layout version lives in config.json and the manifest
+    safetensors.torch.save_file(tensors, str(weights_path), metadata={'format': 'pt'})
     weights_path.chmod(0o644)  # safetensors writes 0600; a published / shipped file is world-readable
     save_config_for_hf(model, out_dir / 'config.json', model_config=dict(ldn_layout_version=LDN_LAYOUT_VERSION))
 

@@ -1,0 +1,148 @@
+"""Fashion-MNIST pieces: IDX parsing (synthetic files), the 28 px variant's cfg/forward, and the shipped weights.
+
+The weight checks skip when ``weights/`` has no ``ldn_nano_patch4_28.fmnist`` copy; the test-subset check also
+skips when the Fashion-MNIST IDX files are not installed (``apt-get install -y dataset-fashion-mnist``).
+"""
+import gzip
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import timm
+from timm.data import create_transform, resolve_data_config
+
+import timm_ldn  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'eval'))
+import fmnist_data  # noqa: E402
+
+MODEL = 'ldn_nano_patch4_28'
+TAG = MODEL + '.fmnist'
+SAMPLES = ROOT / 'weights' / 'samples'
+
+
+def _idx_bytes(arr: np.ndarray, magic_dtype: int = 0x08) -> bytes:
+    header = bytes([0, 0, magic_dtype, arr.ndim]) + struct.pack('>' + 'I' * arr.ndim, *arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize('compress', [False, True])
+def test_read_idx_roundtrip(tmp_path, rng, compress):
+    images = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 9, 4], dtype=np.uint8)
+    for name, arr in (('img', images), ('lbl', labels)):
+        raw = _idx_bytes(arr)
+        (tmp_path / name).write_bytes(gzip.compress(raw) if compress else raw)
+    np.testing.assert_array_equal(fmnist_data.read_idx(tmp_path / 'img', 3, 3), images)
+    np.testing.assert_array_equal(fmnist_data.read_idx(tmp_path / 'lbl', 1, 3), labels)
+
+
+@pytest.mark.parametrize('corrupt, match', [
+    (lambda raw: b'\x01' + raw[1:], 'magic'),                  # first magic byte must be 0
+    (lambda raw: raw[:2] + b'\x0d' + raw[3:], 'dtype'),        # float IDX, not unsigned byte
+    (lambda raw: raw[:3] + b'\x01' + raw[4:], 'dims'),         # images declared 1-D
+    (lambda raw: raw[:-5], 'payload'),                         # truncated pixels
+    (lambda raw: raw + b'\x00', 'payload'),                    # trailing garbage
+    (lambda raw: raw[:3], 'too short'),
+])
+def test_read_idx_rejects_bad_files(tmp_path, rng, corrupt, match):
+    raw = _idx_bytes(rng.integers(0, 256, size=(2, 28, 28), dtype=np.uint8))
+    path = tmp_path / 'bad-idx3-ubyte'
+    path.write_bytes(corrupt(raw))
+    with pytest.raises(fmnist_data.IdxFormatError, match=match) as e:
+        fmnist_data.read_idx(path, 3, 2)
+    assert str(path) in str(e.value)  # the message names the file
+
+
+def test_read_idx_wrong_count(tmp_path, rng):
+    path = tmp_path / 'lbl'
+    path.write_bytes(_idx_bytes(np.zeros(5, dtype=np.uint8)))
+    with pytest.raises(fmnist_data.IdxFormatError, match='declares 5 items, expected 60000'):
+        fmnist_data.read_idx(path, 1, 60000)
+
+
+def test_missing_data_names_apt_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match='apt-get install -y dataset-fashion-mnist'):
+        fmnist_data.prepare(src=tmp_path / 'nope', out=tmp_path / 'out')
+    assert fmnist_data.main(['--src', str(tmp_path / 'nope'), '--out', str(tmp_path / 'out')]) == 1
+
+
+def test_holdout_is_stratified_and_fixed():
+    labels = np.repeat(np.arange(10), 20)
+    a = fmnist_data.stratified_holdout(labels, 3, seed=0)
+    assert a.sum() == 30 and all(a[labels == c].sum() == 3 for c in range(10))
+    np.testing.assert_array_equal(a, fmnist_data.stratified_holdout(labels, 3, seed=0))
+    # folder names sort in label order, so timm's ImageFolder class index == Fashion-MNIST label
+    assert sorted(fmnist_data.CLASS_DIRS) == list(fmnist_data.CLASS_DIRS)
+
+
+def test_variant_cfg_and_forward():
+    model = timm.create_model(MODEL).eval()
+    cfg = model.pretrained_cfg
+    assert cfg['input_size'] == (1, 28, 28) and cfg['num_classes'] == 10 and cfg['crop_pct'] == 1.0
+    assert cfg['pool_size'] == (7, 7) and len(cfg['mean']) == len(cfg['std']) == 1
+    assert model.patch_size == (4, 4) and model.in_chans == 1
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert model.forward_features(torch.randn(1, 1, 28, 28)).shape == (1, 64, 7, 7)
+    # timm's eval transform from the cfg leaves a 28x28 grayscale image's pixels alone (only normalizes)
+    from PIL import Image
+    img = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    x = create_transform(**resolve_data_config({}, model=model))(Image.fromarray(img, mode='L'))
+    expected = (torch.from_numpy(img).float() / 255. - cfg['mean'][0]) / cfg['std'][0]
+    torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=0)
+
+
+def _shipped_model() -> torch.nn.Module:
+    from timm_ldn.hub import local_weight_file
+    try:
+        local = local_weight_file(TAG)
+    except Exception as e:  # noqa: BLE001  a tampered copy must fail loudly, not skip
+        raise AssertionError(f'shipped {TAG} copy fails verification: {e}') from e
+    if local is None:
+        pytest.skip(f'no shipped {TAG} weights in weights/')
+    return timm.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(file=str(local))).eval()
+
+
+def _predict(model: torch.nn.Module, images) -> torch.Tensor:
+    tf = create_transform(**resolve_data_config({}, model=model))
+    with torch.no_grad():
+        return model(torch.stack([tf(im) for im in images])).argmax(-1)
+
+
+def test_shipped_weights_on_bundled_samples():
+    model = _shipped_model()
+    from PIL import Image
+    meta = json.loads((SAMPLES / 'samples.json').read_text())
+    files = sorted(meta['images'])
+    images = [Image.open(SAMPLES / f).convert('L') for f in files]
+    pred = _predict(model, images).tolist()
+    assert pred == [meta['images'][f]['predicted'] for f in files]  # exactly what the exporter recorded
+    labels = [meta['images'][f]['label'] for f in files]
+    assert sum(p == y for p, y in zip(pred, labels)) / len(files) >= 0.75
+
+
+def test_shipped_weights_test_subset_accuracy():
+    """First 2000 official test images, read from the IDX file: top-1 as recorded at export (±0.1%)."""
+    model = _shipped_model()
+    try:
+        images, labels = fmnist_data.load_split(fmnist_data.DEFAULT_SRC, 'test')
+    except FileNotFoundError:
+        pytest.skip('Fashion-MNIST IDX files not installed')
+    from PIL import Image
+    meta = json.loads((SAMPLES / 'samples.json').read_text())
+    n = meta['test_subset']['images']
+    pred = _predict(model, [Image.fromarray(im, mode='L') for im in images[:n]])
+    top1 = 100. * (pred == torch.from_numpy(labels[:n].astype(np.int64))).float().mean().item()
+    assert abs(top1 - meta['test_subset']['top1']) <= 0.1

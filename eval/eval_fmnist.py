@@ -94,6 +94,40 @@ def plot_confusion(confusion: List[List[int]], labels: List[str], title: str, pa
     fig.savefig(path, dpi=120)
 
 
+def write_samples(model: torch.nn.Module, out: Path, subset: int = 2000) -> Dict[str, Any]:
+    """Bundle the first official test image of each class as PNG (README demo) with what the model predicts.
+
+    ``samples.json`` records label and prediction per file, and the top-1 on the first ``subset`` official test
+    images read straight from the IDX file: tests/test_fmnist.py checks the shipped weights against both.
+    """
+    from PIL import Image
+    sys.path.insert(0, str(EVAL_DIR))
+    import fmnist_data
+    images, labels = fmnist_data.load_split(fmnist_data.DEFAULT_SRC, 'test')
+    tf = create_transform(**resolve_data_config({}, model=model))
+
+    @torch.no_grad()
+    def predict(arrs) -> torch.Tensor:
+        return model(torch.stack([tf(Image.fromarray(a, mode='L')) for a in arrs])).argmax(-1)
+
+    out.mkdir(parents=True, exist_ok=True)
+    picks = [int(next(i for i in range(len(labels)) if labels[i] == c)) for c in range(len(fmnist_data.CLASS_NAMES))]
+    preds = predict(images[picks]).tolist()
+    meta: Dict[str, Any] = dict(source='Fashion-MNIST test split (t10k), first image of each class', images={})
+    for i, p in zip(picks, preds):
+        name = f'{i:05d}_{fmnist_data.CLASS_NAMES[labels[i]]}.png'
+        Image.fromarray(images[i], mode='L').save(out / name)
+        meta['images'][name] = dict(test_index=i, label=int(labels[i]), predicted=int(p))
+    sub = predict(images[:subset])
+    meta['test_subset'] = dict(
+        images=subset, top1=100. * (sub == torch.from_numpy(labels[:subset].astype('int64'))).float().mean().item())
+    meta['model'] = model.pretrained_cfg.get('architecture', '') + '.' + model.pretrained_cfg.get('tag', '')
+    (out / 'samples.json').write_text(json.dumps(meta, indent=2) + '\n')
+    print(f'wrote {len(picks)} samples to {out} ({sum(p == labels[i] for i, p in zip(picks, preds))} correct); '
+          f'first {subset} test images top-1 {meta["test_subset"]["top1"]:.2f}%')
+    return meta
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default=DEFAULT_MODEL, help='timm name with pretrained tag')
@@ -108,6 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--json', type=Path, default=RESULTS_DIR / 'fmnist_eval.json')
     p.add_argument('--expect', type=float, default=None, help='fail unless top-1 is within --tol of this')
     p.add_argument('--tol', type=float, default=0.1)
+    p.add_argument('--write-samples', type=Path, metavar='DIR', help='also bundle demo samples (weights/samples)')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -124,6 +159,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(args.json, 'w') as f:
         json.dump(dict(model=args.model, **res), f, indent=2)
     print(f'wrote {args.confusion_png} and {args.json}')
+    if args.write_samples:
+        write_samples(model, args.write_samples)
     if args.expect is not None and abs(res['top1'] - args.expect) > args.tol:
         print(f'FAIL: top-1 {res["top1"]:.2f}% differs from the expected {args.expect:.2f}% by more than '
               f'{args.tol}', file=sys.stderr)

@@ -23,6 +23,7 @@ __all__ = [
     'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'diffusion_coefficients', 'time_step', 'border_correction',
     'primary_diffusion', 'laplacian_reference', 'positive_feature_map', 'linear_diffusion_attention',
     'softmax_diffusion_attention', 'diffusion_attention_reference', 'grid_diameter',
+    'diffusion_step', 'packed_linear_diffusion_attention',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
@@ -125,6 +126,30 @@ def primary_diffusion(
     return torch.addcmul(y, x, border_correction(coef, offsets, H, W).to(x.dtype))
 
 
+def diffusion_step(
+        x: torch.Tensor,
+        coef: torch.Tensor,
+        basis: torch.Tensor,
+        offsets: List[int],
+) -> torch.Tensor:
+    """The whole primary-diffusion update ``H + δt·K(H)`` in two passes over the tokens (fast path).
+
+    Same math as ``x + primary_diffusion(x, ...)``: the identity is folded into the stencil's centre tap, so the
+    convolution yields ``(I + δt·K_zero-padded)·H`` directly and the border correction is added in place on the
+    fresh conv output (conv's backward needs only its input and weight, so the in-place add is autograd-safe).
+    One conv + one ``addcmul_`` instead of conv + ``addcmul`` + residual add.
+    """
+    B, H, W, C = x.shape
+    size = basis.shape[-1]
+    radius = (size - 1) // 2
+    weight = coef.t() @ basis.reshape(basis.shape[0], -1)  # (C, k·k)
+    centre = radius * size + radius
+    identity = (torch.arange(size * size, device=x.device) == centre).to(weight.dtype)  # one-hot centre tap
+    weight = (weight + identity).reshape(C, 1, size, size).to(x.dtype)
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=radius, groups=C).permute(0, 2, 3, 1)
+    return y.addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
+
+
 def laplacian_reference(
         a_s: torch.Tensor,
         offsets: Sequence[int],
@@ -175,9 +200,12 @@ def positive_feature_map(x: torch.Tensor) -> torch.Tensor:
     """``φ(x) = elu(x) + 1 > 0``: smooth, strictly positive, linear for large inputs (no overflow).
 
     Written as ``exp(min(x, 0)) + max(x, 0)`` (identical values): ATen's CPU ``elu`` kernel is ~10x slower
-    than ``exp`` and took 12% of ``ldn_small``'s CPU forward.
+    than ``exp`` and took 12% of ``ldn_small``'s CPU forward. Two of the four passes run in place: two fresh
+    buffers instead of four (large CPU temporaries cost page faults). Autograd-safe: ``clamp`` backward reads
+    its input, ``exp_`` backward its own result (never modified later), ``add_`` nothing.
     """
-    return torch.exp(x.clamp_max(0.)) + x.clamp_min(0.)
+    out = x.clamp_min(0.)
+    return out.add_(x.clamp_max(0.).exp_())
 
 
 def linear_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -195,6 +223,37 @@ def linear_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the only global summary, never N×N
     normalizer = q @ k.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
     return (q @ kv) / normalizer - v
+
+
+def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """:func:`linear_diffusion_attention` straight from the fused qkv projection, ``(B, N, 3C) -> (B, N, C)``.
+
+    Same math, fewer passes and layout round trips (the fast path the model uses):
+
+    * φ runs once over the contiguous ``[q | k]`` half of the projection, before any head permute;
+    * the normaliser ``φ(K)ᵀ1`` rides along as an extra column of ``φ(K)ᵀV`` (a ``d×(d+1)`` matrix per head),
+      so ``φ(Q)`` is read by a single batched matmul that yields numerator and denominator together;
+    * the ``1/N`` scale is applied to that tiny matrix instead of to ``φ(K)``;
+    * the last elementwise op takes ``v`` (a view of the projection in token-major order) as its first operand,
+      so its output is allocated token-major and ``(B, heads, N, d) -> (B, N, C)`` is a free view; that op
+      computes ``v − num/den`` (the operand order fixes the sign), flipped back by an in-place negation, which
+      is exact and far cheaper than the transposing copy it replaces.
+
+    Returns:
+        ``A_diff`` in token-major layout ``(B, N, C)``, heads concatenated along channels.
+    """
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    d = C // num_heads
+    qk = positive_feature_map(qkv[..., :2 * C]).view(B, N, 2, num_heads, d).permute(2, 0, 3, 1, 4)
+    q, k = qk[0], qk[1]  # (B, heads, N, d) views
+    v = qkv[..., 2 * C:].view(B, N, num_heads, d).transpose(1, 2)  # (B, heads, N, d) view, token-major memory
+    kv = torch.cat([k.transpose(-2, -1) @ v, k.sum(-2).unsqueeze(-1)], dim=-1) * (1. / N)  # (B, heads, d, d+1)
+    y = q @ kv  # (B, heads, N, d+1): [φ(Q)φ(K)ᵀV | φ(Q)φ(K)ᵀ1] / N
+    # v − num/den = −A_diff, allocated token-major because v leads; addcdiv's backward never reads its output,
+    # so the in-place negation is autograd-safe
+    a = torch.addcdiv(v, y[..., :d], y[..., d:], value=-1.).neg_()
+    return a.transpose(1, 2).reshape(B, N, C)
 
 
 def softmax_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

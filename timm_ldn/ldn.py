@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from .diffusion import (
-    DEFAULT_OFFSETS, diffusion_coefficients, linear_diffusion_attention, primary_diffusion,
+    DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention, primary_diffusion,
     softmax_diffusion_attention, stencil_basis,
 )
 from .hub import hub_id, resolve_pretrained_overlay  # noqa: F401  hub_id names the Hub repos of published cfgs
@@ -74,6 +74,10 @@ class PrimaryDiffusion(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return primary_diffusion(x, self.coefficients(), self.basis, self.offsets)
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + forward(x)`` with the residual folded into the stencil (two passes instead of three)."""
+        return diffusion_step(x, self.coefficients(), self.basis, self.offsets)
+
 
 class DiffusionAttention(nn.Module):
     """``W_o · A_diff(U)`` per head: global content-dependent diffusion ``(D⁻¹W − I)·V`` on ``(B, N, C)``."""
@@ -104,17 +108,19 @@ class DiffusionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.use_linear:
-            x = linear_diffusion_attention(q, k, v)
+            # fast path: φ, normaliser and head layout handled on the packed projection (same math)
+            x = packed_linear_diffusion_attention(self.qkv(x), self.num_heads)
         else:
-            x = softmax_diffusion_attention(q, k, v)
-        x = self.proj(x.transpose(1, 2).reshape(B, N, C))
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            x = softmax_diffusion_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
         return self.proj_drop(x)
 
 
 class LdnBlock(nn.Module):
     """One LDN layer on a channels-last token map ``(B, h, w, C)``; drop-path on every branch."""
+    has_drop_path: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -146,13 +152,21 @@ class LdnBlock(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path3 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.has_drop_path = drop_path > 0.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = x + self.drop_path1(self.diffusion(x))
-        x = x + self.drop_path2(self.ls1(self.attn(self.norm1(x).reshape(B, H * W, C)))).reshape(B, H, W, C)
-        x = x + self.drop_path3(self.mlp(self.norm2(x)))
-        return x
+        if self.training and self.has_drop_path:  # stochastic depth needs each branch on its own
+            x = x + self.drop_path1(self.diffusion(x))
+            x = x + self.drop_path2(self.ls1(self.attn(self.norm1(x).reshape(B, H * W, C)))).reshape(B, H, W, C)
+            x = x + self.drop_path3(self.mlp(self.norm2(x)))
+            return x
+        # same math with fewer passes over the tokens: the residual of the diffusion step rides in its stencil,
+        # layer scale and residual add are one addcmul, and the MLP residual is added in place into the fresh
+        # MLP output (a Linear's backward never reads its output, so this is autograd-safe).
+        x = self.diffusion.step(x)
+        x = torch.addcmul(x, self.attn(self.norm1(x).reshape(B, H * W, C)).reshape(B, H, W, C), self.ls1.gamma)
+        return self.mlp(self.norm2(x)).add_(x)
 
 
 @register_notrace_function

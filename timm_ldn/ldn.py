@@ -32,6 +32,7 @@ from .diffusion import (
     DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention, primary_diffusion,
     softmax_diffusion_attention, stencil_basis,
 )
+from ._checkpoint import architecture_pre_hook
 from .hub import hub_id, resolve_pretrained_overlay  # noqa: F401  hub_id names the Hub repos of published cfgs
 
 __all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention']
@@ -314,6 +315,8 @@ class LinearDiffusionNet(nn.Module):
             **dd,
         )
         self.apply(self._init_weights)
+        # a checkpoint of another architecture / LDN size fails with one clear message, not hundreds of keys
+        self._register_load_state_dict_pre_hook(architecture_pre_hook, with_module=True)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):

@@ -252,7 +252,10 @@ def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int) -> torc
     y = q @ kv  # (B, heads, N, d+1): [φ(Q)φ(K)ᵀV | φ(Q)φ(K)ᵀ1] / N
     # v − num/den = −A_diff, allocated token-major because v leads; addcdiv's backward never reads its output,
     # so the in-place negation is autograd-safe
-    a = torch.addcdiv(v, y[..., :d], y[..., d:], value=-1.).neg_()
+    if torch.onnx.is_in_onnx_export():  # TorchScript ONNX exporter (timm's onnx_export.py default) lacks addcdiv
+        a = y[..., :d] / y[..., d:] - v
+    else:
+        a = torch.addcdiv(v, y[..., :d], y[..., d:], value=-1.).neg_()
     return a.transpose(1, 2).reshape(B, N, C)
 
 

@@ -47,15 +47,14 @@ def _check_onnx(path: Path, model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize('name', VARIANTS)
 def test_onnx_torchscript_exporter(name, tmp_path):
+    """timm's own onnx_export helper (what timm's onnx_export.py runs), TorchScript exporter, dynamic size."""
+    from timm.utils.onnx import onnx_export
     torch.set_num_threads(1)
     model = _model(name)
     path = tmp_path / f'{name}.onnx'
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # TracerWarnings from the input checks, which trace as constants
-        torch.onnx.export(
-            model, (_inputs()[0],), str(path), dynamo=False, opset_version=17,
-            input_names=['image'], output_names=['logits'],
-            dynamic_axes={'image': {0: 'batch', 2: 'height', 3: 'width'}, 'logits': {0: 'batch'}})
+        onnx_export(model, str(path), example_input=_inputs()[0], dynamic_size=True, opset=17, check=True)
     _check_onnx(path, model)
 
 

@@ -45,8 +45,9 @@ def _grads(fn, *inputs: torch.Tensor):
 GRIDS = [(6, 6), (5, 9), (3, 7), (2, 3), (1, 5), (9, 4)]
 
 
+@pytest.mark.parametrize('method', ['conv', 'shift', 'auto'])
 @pytest.mark.parametrize('height,width', GRIDS)
-def test_diffusion_step_equals_dense_laplacian(height: int, width: int) -> None:
+def test_diffusion_step_equals_dense_laplacian(height: int, width: int, method: str) -> None:
     g = torch.Generator().manual_seed(height * 31 + width)
     C = 5
     x = torch.randn(2, height, width, C, generator=g)
@@ -55,7 +56,7 @@ def test_diffusion_step_equals_dense_laplacian(height: int, width: int) -> None:
     basis = stencil_basis(OFFSETS)
 
     def fast(x, a_raw, tau):
-        return diffusion_step(x, diffusion_coefficients(a_raw, tau), basis, OFFSETS)
+        return diffusion_step(x, diffusion_coefficients(a_raw, tau), basis, OFFSETS, method)
 
     def dense(x, a_raw, tau):
         return _dense_step(x, diffusion_coefficients(a_raw, tau), OFFSETS)
@@ -70,12 +71,13 @@ def test_diffusion_step_equals_dense_laplacian(height: int, width: int) -> None:
                                out_f, **TOL)
 
 
-def test_diffusion_step_keeps_constants_and_is_not_the_zero_padded_stencil() -> None:
+@pytest.mark.parametrize('method', ['conv', 'shift'])
+def test_diffusion_step_keeps_constants_and_is_not_the_zero_padded_stencil(method: str) -> None:
     """Guards the border handling: a constant field is a fixed point, which zero padding would break."""
     C = 3
     coef = diffusion_coefficients(torch.randn(len(OFFSETS), C), torch.randn(C))
     x = torch.full((1, 7, 5, C), 2.5)
-    torch.testing.assert_close(diffusion_step(x, coef, stencil_basis(OFFSETS), OFFSETS), x, **TOL)
+    torch.testing.assert_close(diffusion_step(x, coef, stencil_basis(OFFSETS), OFFSETS, method), x, **TOL)
 
 
 def test_positive_feature_map_is_elu_plus_one() -> None:

@@ -111,7 +111,8 @@ class DiffusionAttention(nn.Module):
         B, N, C = x.shape
         if self.use_linear:
             # fast path: φ, normaliser and head layout handled on the packed projection (same math)
-            x = packed_linear_diffusion_attention(self.qkv(x), self.num_heads)
+            # without autograd the fresh projection is overwritten in place (fewer CPU temporaries)
+            x = packed_linear_diffusion_attention(self.qkv(x), self.num_heads, inplace=not torch.is_grad_enabled())
         else:
             q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             x = softmax_diffusion_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
@@ -166,7 +167,11 @@ class LdnBlock(nn.Module):
         # layer scale and residual add are one addcmul, and the MLP residual is added in place into the fresh
         # MLP output (a Linear's backward never reads its output, so this is autograd-safe).
         x = self.diffusion.step(x)
-        x = torch.addcmul(x, self.attn(self.norm1(x).reshape(B, H * W, C)).reshape(B, H, W, C), self.ls1.gamma)
+        a = self.attn(self.norm1(x).reshape(B, H * W, C)).reshape(B, H, W, C)
+        if torch.is_grad_enabled():
+            x = torch.addcmul(x, a, self.ls1.gamma)
+        else:  # no graph to protect: reuse the attention output's buffer (one CPU temporary fewer)
+            x = torch.addcmul(x, a, self.ls1.gamma, out=a)
         return self.mlp(self.norm2(x)).add_(x)
 
 

@@ -5,6 +5,9 @@ Design (why each choice):
 * **Alternating rounds.** The machine is shared, so absolute timings drift by 2x within a minute. Every case
   (resolution, batch) times all its models round-robin, one round after another; the LDN/DeiT ratio is taken per
   round (the two timings are seconds apart) and the median of those paired ratios is reported with its min–max.
+* **Clock.** With one thread the default timer is process CPU time (``--clock cpu``): it does not charge a
+  model for the time the process waited while another job held the core. ``--clock wall`` is available, and is
+  what GPU runs use.
 * **Threads.** ``--threads`` (default 1): with other jobs on the cores, OpenMP teams of 2+ threads spin at every
   barrier while a sibling is descheduled, which makes multi-threaded timings far noisier than the model
   differences we want to see. The thread count is recorded in the results.
@@ -130,14 +133,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+# 'cpu': process CPU time. Single-threaded, it is the compute the model needed, minus the time this process
+# sat descheduled behind other jobs on the shared cores (wall time would charge that waiting to whichever
+# model happened to be running). 'wall': elapsed time (always used on GPU).
+CLOCKS = {'cpu': time.process_time, 'wall': time.perf_counter}
+_clock = CLOCKS['wall']
+
+
+def set_clock(name: str) -> None:
+    global _clock
+    _clock = CLOCKS[name]
+
+
 def _timed(fn: Callable[[], object], iters: int, device: torch.device) -> float:
     """Seconds per call of ``fn`` averaged over ``iters`` back-to-back calls."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(iters):
         fn()
     _sync(device)
-    return (time.perf_counter() - t0) / iters
+    return (_clock() - t0) / iters
 
 
 def time_round_robin(
@@ -385,9 +400,12 @@ def markdown_table(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--quick', action='store_true', help='seconds-long smoke run (tiny models, small images)')
     parser.add_argument('--sizes', default='tiny,small,base', help='comma list of tiny,small,base')
+    parser.add_argument('--resolutions', default='', help='comma list: keep only these resolutions of the plan')
     parser.add_argument('--no-peers', action='store_true', help='skip vit_small / convnext_tiny / mambaout_small')
     parser.add_argument('--rounds', type=int, default=5, help='alternating timing rounds per case')
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads (see module docstring)')
+    parser.add_argument('--clock', choices=sorted(CLOCKS), default=None,
+                        help="timer: 'cpu' (process CPU time, default with 1 CPU thread) or 'wall' (default otherwise)")
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (GPU tables: eval/gpu_benchmark.py)")
     parser.add_argument('--no-train', action='store_true', help='skip the training-step comparison')
     parser.add_argument('--train-batch', type=int, default=8)
@@ -398,13 +416,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = args.clock or ('cpu' if device.type == 'cpu' and args.threads == 1 else 'wall')
+    if device.type != 'cpu':
+        clock = 'wall'
+    set_clock(clock)
     sizes = [s for s in args.sizes.split(',') if s]
     cases = plan_cases(args.quick, sizes, peers=not args.no_peers, rounds=args.rounds)
+    if args.resolutions:
+        keep = {int(r) for r in args.resolutions.split(',')}
+        cases = [c for c in cases if c.resolution in keep]
     train = None
     if not args.no_train:
         train = ('tiny', 64, 2, 2) if args.quick else ('small', 224, args.train_batch, args.rounds)
     result = run_benchmark(cases, device, train)
     result['environment'] = _environment(device)
+    result['environment']['clock'] = clock
     result['command'] = 'ldn benchmark ' + ('--quick ' if args.quick else '') + f'--threads {args.threads}'
     stem = args.name or ('benchmark_quick' if args.quick else f'benchmark_{device.type}')
     paths = write_results(result, args.out_dir, stem)

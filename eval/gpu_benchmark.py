@@ -68,8 +68,15 @@ def _peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
 
 def prepare(name: str, res: int, batch: int, device: torch.device, compile_model: bool, channels_last: bool,
             dtype: torch.dtype):
-    """A ready-to-time forward closure for ``name`` (weights fp32, autocast to ``dtype``), plus its input."""
+    """A ready-to-time forward closure for ``name`` (weights fp32, autocast to ``dtype``), plus its input.
+
+    ``name@shift`` / ``name@conv`` pick LDN's diffusion-step implementation (default: conv on GPU).
+    """
+    name, _, method = name.partition('@')
     model = build_model(name, res, device)
+    for m in model.modules():
+        if method and hasattr(m, 'method') and hasattr(m, 'offsets'):  # LDN PrimaryDiffusion
+            m.method = method
     x = torch.randn(batch, 3, res, res, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -80,7 +87,11 @@ def prepare(name: str, res: int, batch: int, device: torch.device, compile_model
     def fwd():
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
             return fwd_model(x)
-    return model, fwd
+
+    def eager():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return model(x)
+    return eager, fwd
 
 
 def measure_pair(names: List[str], res: int, batch: int, device: torch.device, compile_model: bool,
@@ -96,13 +107,9 @@ def measure_pair(names: List[str], res: int, batch: int, device: torch.device, c
             torch.cuda.synchronize()
         compile_s[name] = time.perf_counter() - t0
         mem[name] = _peak_mem_mb(fns[name], device)
-    if compile_model:  # compiled output must match eager (bf16-level tolerance)
+    if compile_model:  # compiled output must match eager on the same input (bf16-level tolerance)
         for name in names:
-            ref_model = models[name]
-            x = torch.randn(min(batch, 8), 3, res, res, device=device)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
-                a = ref_model(x).float()
-                b = torch.compile(ref_model, fullgraph=True, backend=COMPILE_BACKEND)(x).float()
+            a, b = models[name]().float(), fns[name]().float()
             err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-6)
             log(f'  compiled-vs-eager rel. max err {name}: {err:.2e}')
             if err > 5e-2:
@@ -116,7 +123,7 @@ def measure_pair(names: List[str], res: int, batch: int, device: torch.device, c
     rows = []
     for name in names:
         med = statistics.median(times[name])
-        gmacs = count_gmacs(name, res)
+        gmacs = count_gmacs(name.partition('@')[0], res)
         img_s = batch / med
         ratios = [a / b for a, b in zip(times[ref], times[name])]
         rows.append(dict(
@@ -151,6 +158,7 @@ def main(argv=None) -> int:
         COMPILE_BACKEND = 'eager'
         device, dtype, compile_model = torch.device('cpu'), torch.bfloat16, True
         plan = [('tiny', 32, 2, False), ('tiny', 32, 2, True)]
+        extra = {('tiny', 32, True): ['ldn_tiny@shift']}
         args.rounds, args.iters = 2, 1
     else:
         if not torch.cuda.is_available():
@@ -161,6 +169,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         # headline: small at 224 / 256, eager first (the compile gain), then compiled
         plan = [('small', 224, args.batch, False), ('small', 224, args.batch, compile_model)]
+        # compiled: also the shifted-add diffusion step (inductor may fuse its 13 slice updates into one kernel)
+        extra = {('small', 224, compile_model): ['ldn_small@shift']} if compile_model else {}
         if args.sweep:
             plan += [('tiny', 224, args.batch, compile_model), ('base', 224, args.batch, compile_model),
                      ('small', 512, max(1, args.batch // 4), compile_model),
@@ -168,16 +178,19 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     for size, res, batch, comp in plan:
-        rows += measure_pair(list(PAIRS[size]), res, batch, device, comp, not args.no_channels_last, dtype,
+        ldn, deit = PAIRS[size]
+        names = [ldn] + extra.get((size, res, comp), []) + [deit]  # the reference (DeiT) goes last
+        rows += measure_pair(names, res, batch, device, comp, not args.no_channels_last, dtype,
                              args.rounds, args.iters, args.peak_tflops)
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
                peak_tflops=args.peak_tflops, wall_s=time.perf_counter() - t0,
                time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                command='python eval/gpu_benchmark.py' + (' --sweep' if args.sweep else ''))
     result = dict(environment=env, rows=rows)
-    head = next((r for r in rows if r['model'] == 'ldn_small' and r['resolution'] == 224 and r['compiled']), None)
+    heads = [r for r in rows if r['model'].startswith('ldn_small') and r['resolution'] == 224 and r['compiled']]
+    head = max(heads, key=lambda r: r['img_s']) if heads else None  # the faster diffusion-step implementation
     if head is not None:
-        result['targets'] = dict(speedup_vs_deit_small=head['speedup_vs_deit'], speedup_target=1.2,
+        result['targets'] = dict(model=head['model'], speedup_vs_deit_small=head['speedup_vs_deit'], speedup_target=1.2,
                                  mfu=head['mfu'], mfu_target=0.35)
     print(json.dumps(result.get('targets', {}), indent=1))
     if not args.dry_run:

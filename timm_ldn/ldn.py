@@ -64,6 +64,8 @@ class PrimaryDiffusion(nn.Module):
         self.a_raw = nn.Parameter(torch.zeros(len(offsets), dim, device=device, dtype=dtype))
         self.tau = nn.Parameter(torch.full((dim,), tau_init, device=device, dtype=dtype))
         self.register_buffer('basis', stencil_basis(offsets, device=device), persistent=False)
+        # implementation of the fused step ('auto' | 'conv' | 'shift', see diffusion_step); not in the state dict
+        self.method: str = 'auto'
 
     def init_non_persistent_buffers(self) -> None:
         self.basis.copy_(stencil_basis(self.offsets, device=self.basis.device, dtype=self.basis.dtype))
@@ -76,8 +78,8 @@ class PrimaryDiffusion(nn.Module):
         return primary_diffusion(x, self.coefficients(), self.basis, self.offsets)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + forward(x)`` with the residual folded into the stencil (two passes instead of three)."""
-        return diffusion_step(x, self.coefficients(), self.basis, self.offsets)
+        """``x + forward(x)`` in fewer passes (same math, see :func:`diffusion_step`)."""
+        return diffusion_step(x, self.coefficients(), self.basis, self.offsets, self.method)
 
 
 class DiffusionAttention(nn.Module):

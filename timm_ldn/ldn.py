@@ -537,9 +537,13 @@ default_cfgs = generate_default_cfgs({
     'ldn_base': _cfg(),
     # 28 px grayscale (Fashion-MNIST): patch 4 -> 7x7 tokens; mean/std of the Fashion-MNIST training pixels,
     # crop_pct 1.0 so the eval transform is the identity on 28x28 images
-    'ldn_nano_patch4_28': _cfg(
+    # its only tag, so also the default of 'ldn_nano_patch4_28'; trained by eval/train_fmnist.py, weights in weights/
+    'ldn_nano_patch4_28.fmnist': _cfg(
+        hf_hub_id=hub_id('ldn_nano_patch4_28.fmnist'),
         num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation='bilinear',
-        mean=(0.2859,), std=(0.3529,)),
+        mean=(0.2859,), std=(0.3529,),
+        label_names=('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                     'Ankle boot')),
 })
 
 

@@ -328,6 +328,17 @@ def summarize(names: List[str]) -> None:
         ratio = concurrent_img_s(ldn) / concurrent_img_s(base)
         out['comparison']['ldn_over_baseline_concurrent_img_s'] = ratio
         out['comparison']['targets']['ldn_throughput_ge_0_8x'] = ratio >= 0.8  # judged on the fair window
+    # further seeds of the same pair (``--experiment <model>_s<k> --seed k``): mean and spread of test top-1
+    seeds = {}
+    for s in runs:
+        extra = sorted(RESULTS_DIR.glob(f"fmnist_{s['model']}_s*.json"))
+        vals = [s['test_top1']] + [json.loads(p.read_text())['test_top1'] for p in extra]
+        speeds = [s['train_img_s']] + [json.loads(p.read_text())['train_img_s'] for p in extra]
+        seeds[s['model']] = dict(
+            runs=['seed 0'] + [p.stem[len('fmnist_'):] for p in extra], test_top1=vals,
+            test_top1_mean=sum(vals) / len(vals), test_top1_spread=max(vals) - min(vals), train_img_s=speeds)
+    if any(len(v['test_top1']) > 1 for v in seeds.values()):
+        out['seeds'] = seeds
     bench_path = RESULTS_DIR / 'fmnist_bench.json'
     if bench_path.is_file():
         out['controlled_benchmark'] = json.loads(bench_path.read_text())

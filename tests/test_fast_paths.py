@@ -70,6 +70,19 @@ def test_diffusion_step_equals_dense_laplacian(height: int, width: int, method: 
     torch.testing.assert_close(x + primary_diffusion(x, diffusion_coefficients(a_raw, tau), basis, OFFSETS),
                                out_f, **TOL)
 
+    # self_weight=0: the update δt·K(H) alone (the drop-path branch), forward and backward
+    def update(x, a_raw, tau):
+        return diffusion_step(x, diffusion_coefficients(a_raw, tau), basis, OFFSETS, method, 0.)
+
+    def update_ref(x, a_raw, tau):
+        return dense(x, a_raw, tau) - x
+
+    out_u, grads_u = _grads(update, x, a_raw, tau)
+    out_ur, grads_ur = _grads(update_ref, x, a_raw, tau)
+    torch.testing.assert_close(out_u, out_ur, **TOL)
+    for gu, gr in zip(grads_u, grads_ur):
+        torch.testing.assert_close(gu, gr, **TOL)
+
 
 @pytest.mark.parametrize('method', ['conv', 'shift'])
 def test_diffusion_step_keeps_constants_and_is_not_the_zero_padded_stencil(method: str) -> None:

@@ -133,8 +133,12 @@ def diffusion_step(
         basis: torch.Tensor,
         offsets: List[int],
         method: str = 'auto',
+        self_weight: float = 1.,
 ) -> torch.Tensor:
     """The whole primary-diffusion update ``H + δt·K(H)`` (fast path; same math as ``x + primary_diffusion``).
+
+    ``self_weight`` scales the identity: ``1`` (default) gives the step, ``0`` the update ``δt·K(H)`` alone
+    (what drop-path training needs as a separate branch).
 
     Two implementations of the same sum:
 
@@ -150,22 +154,22 @@ def diffusion_step(
     ``'auto'`` picks ``'shift'`` on CPU and ``'conv'`` elsewhere (one fused library kernel on GPU).
     """
     if method == 'shift' or (method == 'auto' and x.device.type == 'cpu'):
-        return _shifted_diffusion_step(x, coef, offsets)
+        return _shifted_diffusion_step(x, coef, offsets, self_weight)
     B, H, W, C = x.shape
     size = basis.shape[-1]
     radius = (size - 1) // 2
     weight = coef.t() @ basis.reshape(basis.shape[0], -1)  # (C, k·k)
     centre = radius * size + radius
     identity = (torch.arange(size * size, device=x.device) == centre).to(weight.dtype)  # one-hot centre tap
-    weight = (weight + identity).reshape(C, 1, size, size).to(x.dtype)
+    weight = (weight + self_weight * identity).reshape(C, 1, size, size).to(x.dtype)
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=radius, groups=C).permute(0, 2, 3, 1)
     return y.addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
 
 
-def _shifted_diffusion_step(x: torch.Tensor, coef: torch.Tensor, offsets: List[int]) -> torch.Tensor:
+def _shifted_diffusion_step(x: torch.Tensor, coef: torch.Tensor, offsets: List[int], self_weight: float) -> torch.Tensor:
     if not torch.jit.is_scripting() and torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad):
-        return _shifted_diffusion_step_autograd(x, coef, offsets)
-    return _shifted_diffusion_step_impl(x, coef, offsets)
+        return _shifted_diffusion_step_autograd(x, coef, offsets, self_weight)
+    return _shifted_diffusion_step_impl(x, coef, offsets, self_weight)
 
 
 class _ShiftedDiffusionFn(torch.autograd.Function):
@@ -178,10 +182,11 @@ class _ShiftedDiffusionFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, coef: torch.Tensor, offsets: List[int]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, coef: torch.Tensor, offsets: List[int], self_weight: float) -> torch.Tensor:
         ctx.offsets = offsets
+        ctx.self_weight = self_weight
         ctx.save_for_backward(x, coef)
-        return _shifted_diffusion_step_impl(x, coef, offsets)
+        return _shifted_diffusion_step_impl(x, coef, offsets, self_weight)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -189,7 +194,7 @@ class _ShiftedDiffusionFn(torch.autograd.Function):
         offsets: List[int] = ctx.offsets
         grad_x = grad_coef = None
         if ctx.needs_input_grad[0]:
-            grad_x = _shifted_diffusion_step_impl(g, coef, offsets)
+            grad_x = _shifted_diffusion_step_impl(g, coef, offsets, ctx.self_weight)
         if ctx.needs_input_grad[1]:
             B, H, W, C = x.shape
             dims = (0, 1, 2)
@@ -201,20 +206,22 @@ class _ShiftedDiffusionFn(torch.autograd.Function):
             in_grid = 4. - border_correction(eye, offsets, H, W)  # (h, w, S): n_s(i)
             centre_term = torch.einsum('hws,hwc->sc', in_grid, (g * x).sum(0))
             grad_coef = (torch.stack(rows) - centre_term).to(coef.dtype)
-        return grad_x, grad_coef, None
+        return grad_x, grad_coef, None, None
 
 
 @torch.jit.unused
-def _shifted_diffusion_step_autograd(x: torch.Tensor, coef: torch.Tensor, offsets: List[int]) -> torch.Tensor:
-    return _ShiftedDiffusionFn.apply(x, coef, offsets)
+def _shifted_diffusion_step_autograd(
+        x: torch.Tensor, coef: torch.Tensor, offsets: List[int], self_weight: float) -> torch.Tensor:
+    return _ShiftedDiffusionFn.apply(x, coef, offsets, self_weight)
 
 
-def _shifted_diffusion_step_impl(x: torch.Tensor, coef: torch.Tensor, offsets: List[int]) -> torch.Tensor:
+def _shifted_diffusion_step_impl(
+        x: torch.Tensor, coef: torch.Tensor, offsets: List[int], self_weight: float = 1.) -> torch.Tensor:
     """``H + δt·K(H)`` as centre scaling plus one shifted multiply-add per neighbour direction (see above)."""
     B, H, W, C = x.shape
     coef = coef.to(x.dtype)
     # every scale has 4 neighbours minus those outside the grid: border_correction counts the missing ones
-    centre = border_correction(coef, offsets, H, W).to(x.dtype) + (1. - 4. * coef.sum(0))  # 4 = |N_s|
+    centre = border_correction(coef, offsets, H, W).to(x.dtype) + (self_weight - 4. * coef.sum(0))  # 4 = |N_s|
     y = x * centre
     for s, d in enumerate(offsets):
         c = coef[s]

@@ -75,7 +75,8 @@ class PrimaryDiffusion(nn.Module):
         return diffusion_coefficients(self.a_raw, self.tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return primary_diffusion(x, self.coefficients(), self.basis, self.offsets)
+        # the update δt·K(H) alone (drop-path branch); same math as primary_diffusion, faster on CPU
+        return diffusion_step(x, self.coefficients(), self.basis, self.offsets, self.method, 0.)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """``x + forward(x)`` in fewer passes (same math, see :func:`diffusion_step`)."""

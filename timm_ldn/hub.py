@@ -247,6 +247,8 @@ def resolve_pretrained_overlay(
     * no weight source in the resolved cfg → ``NoPretrainedWeightsError`` naming the tags that have weights;
     * a Hub file in our namespace → timm downloads it, its sha256 is checked against the manifest and timm
       is handed the verified cached path (``file``); a Hub file of ours missing from the manifest is refused;
+      when the Hub cannot be reached, a copy shipped in the checkout (manifest ``local_file``, same sha256)
+      is used instead, so a clone works offline;
     * a file / state dict the caller passed explicitly is the caller's choice: only checked for truncation;
     * a Hub repo outside our namespace (someone's fine-tune via ``hf-hub:``) is left to timm unchanged.
     """
@@ -283,7 +285,16 @@ def resolve_pretrained_overlay(
             f'{name} points at {repo}/{filename}, which has no entry in the weights manifest '
             f'({manifest_path()}), so its sha256 cannot be verified. Refusing to load unverified weights; '
             f'publish with `ldn export`, or set {MANIFEST_ENV} to the manifest that lists it.')
-    path = _download(repo, filename, cache_dir)
+    try:
+        path = _download(repo, filename, cache_dir)
+    except WeightsError:
+        # no network / Hub: the copy shipped in a checkout is the same file (same sha256), so use it
+        local = local_weight_file(name)
+        if local is None:
+            raise
+        _logger.warning(f'{repo} unreachable: loading the verified copy shipped in the checkout, {local}')
+        overlay.update(file=str(local), source=None)
+        return overlay
     try:
         verify_file(path, entry)
     except ChecksumError:

@@ -2,6 +2,7 @@
 
     python eval/benchmark.py            # full CPU table, ~15 min single-threaded -> eval/results/benchmark_cpu.*
     python eval/benchmark.py --quick    # smoke run in seconds
+    python eval/benchmark.py --profile  # torch.profiler top ops, LDN-S vs DeiT-S -> eval/results/benchmark_profile.md
 """
 import argparse
 import sys

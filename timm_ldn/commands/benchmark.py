@@ -397,7 +397,59 @@ def markdown_table(result: dict) -> str:
     return '\n'.join(lines)
 
 
+def profile_top_ops(name: str, resolution: int, batch: int, device: torch.device, train: bool = False,
+                    calls: int = 2, top: int = 12) -> str:
+    """Markdown table of the ``top`` ops by self CPU time (``torch.profiler``) for inference or a training step."""
+    from torch.profiler import profile
+    model = build_model(name, resolution, device)
+    x = torch.randn(batch, 3, resolution, resolution, device=device)
+    if train:
+        model.train()
+        y = torch.randint(0, 1000, (batch,), device=device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def fn():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    else:
+        def fn():
+            with torch.inference_mode():
+                model(x)
+    fn()
+    fn()
+    with profile() as prof:
+        for _ in range(calls):
+            fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = [f"### {name} {resolution}px batch {batch} {'training step' if train else 'inference'}: "
+             f"{total / calls / 1e3:.0f} ms self CPU per call", '',
+             '| op | share | ms per call | calls per call |', '|---|---|---|---|']
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        lines.append(f'| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% | '
+                     f'{e.self_cpu_time_total / calls / 1e3:.1f} | {e.count // calls} |')
+    return '\n'.join(lines)
+
+
+def run_profiles(device: torch.device, out_path: str) -> None:
+    """Where the time goes for the issue-5 targets: LDN-S vs DeiT-S at 224/512/1024 and the training step."""
+    plan = [(224, 8, False), (512, 2, False), (1024, 1, False), (224, 8, True)]
+    parts = [f'# torch.profiler top ops, {torch.get_num_threads()} CPU thread(s), '
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", '',
+             'Regenerate: `ldn benchmark --profile` (or `python eval/benchmark.py --profile`).', '']
+    for res, batch, train in plan:
+        for name in PAIRS['small']:
+            parts += [profile_top_ops(name, res, batch, device, train), '']
+            print(parts[-2].splitlines()[0])
+    with open(out_path, 'w') as f:
+        f.write('\n'.join(parts))
+    print('wrote', out_path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--profile', action='store_true',
+                        help='only write torch.profiler top-op tables (LDN-S vs DeiT-S) to <out-dir>/benchmark_profile.md')
     parser.add_argument('--quick', action='store_true', help='seconds-long smoke run (tiny models, small images)')
     parser.add_argument('--sizes', default='tiny,small,base', help='comma list of tiny,small,base')
     parser.add_argument('--resolutions', default='', help='comma list: keep only these resolutions of the plan')
@@ -420,6 +472,10 @@ def run(args: argparse.Namespace) -> int:
     if device.type != 'cpu':
         clock = 'wall'
     set_clock(clock)
+    if args.profile:
+        os.makedirs(args.out_dir, exist_ok=True)
+        run_profiles(device, os.path.join(args.out_dir, 'benchmark_profile.md'))
+        return 0
     sizes = [s for s in args.sizes.split(',') if s]
     cases = plan_cases(args.quick, sizes, peers=not args.no_peers, rounds=args.rounds)
     if args.resolutions:

@@ -275,3 +275,20 @@ def test_batch_independence():
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(3)]), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_func_transforms_work():
+    """vmap / jacrev (per-sample gradients, Jacobians) go through the same model as plain autograd."""
+    model = _tiny(depth=1, embed_dim=24, num_heads=2, num_classes=3).train()
+    x = torch.randn(3, 3, 32, 32)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).logsumexp(-1).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x[i]).backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[k][i], p.grad, rtol=1e-4, atol=1e-6, msg=k)

@@ -166,8 +166,16 @@ def diffusion_step(
     return y.addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
 
 
+@torch.jit.unused
+def _functorch_active() -> bool:
+    """True inside torch.func transforms (vmap, jacrev, grad): the hand-written autograd Functions below have no
+    functorch rules, so those transforms take the plain autograd path (same values)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _shifted_diffusion_step(x: torch.Tensor, coef: torch.Tensor, offsets: List[int], self_weight: float) -> torch.Tensor:
-    if not torch.jit.is_scripting() and torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad):
+    if (not torch.jit.is_scripting() and torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad)
+            and not _functorch_active()):
         return _shifted_diffusion_step_autograd(x, coef, offsets, self_weight)
     return _shifted_diffusion_step_impl(x, coef, offsets, self_weight)
 
@@ -204,7 +212,7 @@ class _ShiftedDiffusionFn(torch.autograd.Function):
                             + (g[:, :, d:] * x[:, :, :-d]).sum(dims) + (g[:, :, :-d] * x[:, :, d:]).sum(dims))
             eye = torch.eye(len(offsets), device=x.device, dtype=x.dtype)
             in_grid = 4. - border_correction(eye, offsets, H, W)  # (h, w, S): n_s(i)
-            centre_term = torch.einsum('hws,hwc->sc', in_grid, (g * x).sum(0))
+            centre_term = in_grid.reshape(H * W, -1).t() @ (g * x).sum(0).reshape(H * W, C)  # (S, C); vmap-able
             grad_coef = (torch.stack(rows) - centre_term).to(coef.dtype)
         return grad_x, grad_coef, None, None
 
@@ -317,8 +325,10 @@ def positive_feature_map(x: torch.Tensor) -> torch.Tensor:
     buffers instead of four (large CPU temporaries cost page faults). When a gradient is needed, a custom
     autograd function supplies the one-pass derivative (TorchScript takes the plain, autograd-traced form).
     """
-    if not torch.jit.is_scripting() and torch.is_grad_enabled() and x.requires_grad:
+    if not torch.jit.is_scripting() and torch.is_grad_enabled() and x.requires_grad and not _functorch_active():
         return _positive_feature_map_autograd(x)
+    if torch.is_grad_enabled() and x.requires_grad:  # plain autograd: no in-place ops on tensors autograd saves
+        return x.clamp_min(0.) + x.clamp_max(0.).exp()
     return _positive_feature_map_forward(x)
 
 

@@ -320,7 +320,7 @@ def summarize(names: List[str]) -> None:
             return out_
         overlap = min(ends(ldn)[-1], ends(base)[-1])
 
-        def concurrent_img_s(s: Dict[str, Any]) -> float:
+        def concurrent_img_s(s: Dict[str, Any], overlap: float = overlap) -> float:
             rows_ = [r for r, e in zip(s['curve'], ends(s)) if e <= overlap]
             return sum(float(r['img_s']) * float(r['train_s']) for r in rows_) / sum(float(r['train_s']) for r in rows_)
         out['comparison']['concurrent_window_s'] = overlap
@@ -339,6 +339,19 @@ def summarize(names: List[str]) -> None:
             test_top1_mean=sum(vals) / len(vals), test_top1_spread=max(vals) - min(vals), train_img_s=speeds)
     if any(len(v['test_top1']) > 1 for v in seeds.values()):
         out['seeds'] = seeds
+        if base is not None:
+            # throughput of each extra seed pair over the window both of its runs shared (same rule as above)
+            pair_ratio = {}
+            for p in sorted(RESULTS_DIR.glob(f"fmnist_{ldn['model']}_s*.json")):
+                suffix = p.stem[len('fmnist_' + ldn['model']):]
+                bp = RESULTS_DIR / f"fmnist_{base['model']}{suffix}.json"
+                if bp.is_file():
+                    pair = [json.loads(p.read_text()), json.loads(bp.read_text())]
+                    for s_ in pair:
+                        s_['curve'] = _read_log(ROOT / s_['log'])
+                    overlap = min(ends(pair[0])[-1], ends(pair[1])[-1])
+                    pair_ratio[suffix.lstrip('_')] = concurrent_img_s(pair[0], overlap) / concurrent_img_s(pair[1], overlap)
+            out['seeds']['ldn_over_baseline_concurrent_img_s'] = pair_ratio
     bench_path = RESULTS_DIR / 'fmnist_bench.json'
     if bench_path.is_file():
         out['controlled_benchmark'] = json.loads(bench_path.read_text())

@@ -153,7 +153,9 @@ def diffusion_step(
 
     ``'auto'`` picks ``'shift'`` on CPU and ``'conv'`` elsewhere (one fused library kernel on GPU).
     """
-    if method == 'shift' or (method == 'auto' and x.device.type == 'cpu'):
+    # tracing exporters (ONNX, jit.trace, torch.export) would freeze the shifted slices' bounds to the example
+    # grid and silently give wrong results at other sizes: they always get the shape-generic conv form
+    if (method == 'shift' or (method == 'auto' and x.device.type == 'cpu')) and not _exporting():
         return _shifted_diffusion_step(x, coef, offsets, self_weight)
     B, H, W, C = x.shape
     size = basis.shape[-1]
@@ -347,6 +349,14 @@ def linear_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the only global summary, never N×N
     normalizer = q @ k.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
     return (q @ kv) / normalizer - v
+
+
+def _exporting() -> bool:
+    """True under ONNX export, ``torch.jit.trace`` or ``torch.export`` (never while scripting)."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def _in_onnx_export() -> bool:

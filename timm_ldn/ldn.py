@@ -14,7 +14,7 @@ Paper: 'Linear Diffusion Networks', Jacob Fein-Ashley. Architecture contract: ``
 """
 import warnings
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -480,6 +480,21 @@ def _format_keys(keys: List[str], limit: int = 8) -> str:
     return shown + (f' … (+{len(keys) - limit} more)' if len(keys) > limit else '')
 
 
+def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The model weights inside a train.py checkpoint (EMA preferred), without DDP / torch.compile prefixes."""
+    state = checkpoint
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    out = {}
+    for k, v in state.items():
+        while k.startswith(('module.', '_orig_mod.')):
+            k = k.split('.', 1)[1]
+        out[k] = v
+    return out
+
+
 def checkpoint_filter_fn(state_dict: dict, model: LinearDiffusionNet) -> dict:
     """Turn any LDN checkpoint into a state dict of the current layout for ``model``.
 
@@ -491,16 +506,7 @@ def checkpoint_filter_fn(state_dict: dict, model: LinearDiffusionNet) -> dict:
     when the head is reset, leaving random weights behind).
     """
     checkpoint = state_dict
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(checkpoint.get(key), dict):
-            state_dict = checkpoint[key]
-            break
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(('module.', '_orig_mod.')):
-            k = k.split('.', 1)[1]
-        out[k] = v
-    state_dict = out
+    state_dict = unwrap_checkpoint(checkpoint)
 
     version = _layout_version(checkpoint, state_dict)
     if version > LDN_LAYOUT_VERSION:

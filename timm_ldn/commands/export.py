@@ -89,21 +89,6 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def _inner_state(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
-    """The state dict checkpoint_filter_fn will pick (same preference order), with DDP / compile prefixes off."""
-    state = checkpoint
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
-            break
-    out = {}
-    for k, v in state.items():
-        while k.startswith(('module.', '_orig_mod.')):
-            k = k.split('.', 1)[1]
-        out[k] = v
-    return out
-
-
 def _git_commit() -> str:
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
@@ -193,7 +178,7 @@ def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
     from timm.models._hub import save_config_for_hf
 
     from timm_ldn.hub import HF_HUB_NAMESPACE, WEIGHTS_FILENAME, hub_id, probe_input, sha256_file
-    from timm_ldn.ldn import LDN_LAYOUT_VERSION, checkpoint_filter_fn
+    from timm_ldn.ldn import LDN_LAYOUT_VERSION, checkpoint_filter_fn, unwrap_checkpoint
     from .info import model_stats
 
     arch, tag = split_model_name_tag(args.model)
@@ -208,7 +193,7 @@ def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
         checkpoint = {k: v for k, v in checkpoint.items() if k not in ('state_dict_ema', 'model_ema')}
 
     # infer head / stem sizes from the weights so a checkpoint with a custom head exports as trained
-    flat = _inner_state(checkpoint)
+    flat = unwrap_checkpoint(checkpoint)
     kwargs = dict(args.model_args)
     if 'head.fc.weight' in flat:
         kwargs.setdefault('num_classes', int(flat['head.fc.weight'].shape[0]))

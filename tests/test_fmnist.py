@@ -146,3 +146,20 @@ def test_shipped_weights_test_subset_accuracy():
     pred = _predict(model, [Image.fromarray(im, mode='L') for im in images[:n]])
     top1 = 100. * (pred == torch.from_numpy(labels[:n].astype(np.int64))).float().mean().item()
     assert abs(top1 - meta['test_subset']['top1']) <= 0.1
+
+
+def test_pretrained_true_works_offline_from_the_shipped_copy(tmp_path):
+    """timm.create_model('<tag>', pretrained=True) in a clone without network: the verified shipped copy loads."""
+    import subprocess
+    from safetensors.torch import load_file
+    code = (
+        "import timm, timm_ldn, torch\n"
+        "m = timm.create_model('ldn_nano_patch4_28.fmnist', pretrained=True)\n"
+        "torch.save(m.state_dict(), r'%s')\n" % (tmp_path / 'sd.pt'))
+    env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = torch.load(tmp_path / 'sd.pt', weights_only=True)
+    shipped = load_file(str(Path(timm_ldn.__file__).parents[1] / 'weights' / 'ldn_nano_patch4_28.fmnist' / 'model.safetensors'))
+    for k, v in shipped.items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)

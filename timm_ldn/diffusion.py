@@ -3,10 +3,13 @@
 One LDN layer is one explicit-Euler step of ``dH/dt = K·H + A_diff(H) + F(H)`` over the token grid.
 This module holds the two diffusion operators and their dense reference forms:
 
-* ``K``: a learned, multi-scale, no-flux graph Laplacian on the ``h×w`` grid (rows and columns sum to zero),
-  applied with one depthwise stencil convolution plus an exact border correction.
+* ``K``: a learned, multi-scale, no-flux graph Laplacian on the ``h×w`` grid (rows and columns sum to zero).
+  ``primary_diffusion`` is the readable form (one depthwise stencil conv plus an exact border correction);
+  the model runs ``diffusion_step``: the same sum as 13 shifted multiply-adds on CPU, or the conv with the
+  residual folded in elsewhere (and under tracing exporters).
 * ``A_diff``: content-dependent global diffusion ``(D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, computed in
-  linear time as ``φ(Q)(φ(K)ᵀV)`` — the ``N×N`` matrix ``W`` is never formed.
+  linear time as ``φ(Q)(φ(K)ᵀV)`` — the ``N×N`` matrix ``W`` is never formed. ``linear_diffusion_attention``
+  is the readable form; the model runs ``packed_linear_diffusion_attention`` (same math on the fused qkv).
 
 Token maps are channels-last (``B×h×w×C``) throughout, the layout the linear layers of a block want.
 The dense ``*_reference`` functions build the spec's matrices explicitly; they exist for tests and are

@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from .diffusion import (
-    DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention, primary_diffusion,
+    DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention,
     softmax_diffusion_attention, stencil_basis,
 )
 from ._checkpoint import architecture_pre_hook

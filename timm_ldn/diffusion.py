@@ -26,7 +26,7 @@ __all__ = [
     'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'diffusion_coefficients', 'time_step', 'border_correction',
     'primary_diffusion', 'laplacian_reference', 'positive_feature_map', 'linear_diffusion_attention',
     'softmax_diffusion_attention', 'diffusion_attention_reference', 'grid_diameter',
-    'diffusion_step', 'packed_linear_diffusion_attention',
+    'diffusion_step', 'packed_linear_diffusion_attention', 'per_sample_diffusion_step', 'per_sample_diffusion_coefficients', 'FEATURE_MAPS', 'feature_map',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
@@ -82,6 +82,13 @@ def diffusion_coefficients(a_raw: torch.Tensor, tau: torch.Tensor) -> torch.Tens
     """
     a = F.softplus(a_raw)
     return a * time_step(a, tau)
+
+
+def per_sample_diffusion_coefficients(a_raw: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """:func:`diffusion_coefficients` for a per-sample ``τ`` of shape ``(B, C)`` (input-dependent time step):
+    ``(B, S, C)``. Only ``sigmoid(τ)`` varies between samples, so every sample's step keeps the same bound."""
+    a = F.softplus(a_raw)
+    return a.unsqueeze(0) * time_step(a, tau).unsqueeze(1)
 
 
 @register_notrace_function
@@ -169,6 +176,36 @@ def diffusion_step(
     weight = (weight + self_weight * identity).reshape(C, 1, size, size).to(x.dtype)
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=radius, groups=C).permute(0, 2, 3, 1)
     return y.addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
+
+
+def per_sample_diffusion_step(
+        x: torch.Tensor,
+        coef: torch.Tensor,
+        offsets: List[int],
+        self_weight: float = 1.,
+) -> torch.Tensor:
+    """``self_weight·H + δt·K(H)`` with per-sample coefficients ``coef`` of shape ``(B, S, C)``.
+
+    Same sum as :func:`diffusion_step` (centre weight carries the no-flux rule, one shifted multiply-add per
+    neighbour direction), for a time step that depends on the input; plain autograd.
+    """
+    B, H, W, C = x.shape
+    coef = coef.to(x.dtype)
+    rows = torch.arange(H, device=x.device)
+    cols = torch.arange(W, device=x.device)
+    d = torch.tensor(offsets, device=x.device)
+    row_missing = (rows[:, None] < d).to(x.dtype) + (rows[:, None] >= H - d).to(x.dtype)  # (h, S)
+    col_missing = (cols[:, None] < d).to(x.dtype) + (cols[:, None] >= W - d).to(x.dtype)  # (w, S)
+    missing = (row_missing @ coef).unsqueeze(2) + (col_missing @ coef).unsqueeze(1)  # (B, h, w, C)
+    centre = missing + (self_weight - 4. * coef.sum(1)).view(B, 1, 1, C)
+    y = x * centre
+    for s, dd in enumerate(offsets):
+        c = coef[:, s].view(B, 1, 1, C)
+        y[:, dd:] += x[:, :-dd] * c
+        y[:, :-dd] += x[:, dd:] * c
+        y[:, :, dd:] += x[:, :, :-dd] * c
+        y[:, :, :-dd] += x[:, :, dd:] * c
+    return y
 
 
 @torch.jit.unused
@@ -337,18 +374,36 @@ def positive_feature_map(x: torch.Tensor) -> torch.Tensor:
     return _positive_feature_map_forward(x)
 
 
-def linear_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+# φ choices: 'elu' = elu+1 (default, fast packed path), 'relu' = relu + 1e-3 (sparse, strictly positive),
+# 'softplus' (smooth, positive). All keep w_ij > 0, so D⁻¹W is a row-stochastic averaging operator.
+FEATURE_MAPS: Tuple[str, ...] = ('elu', 'relu', 'softplus')
+
+
+def feature_map(x: torch.Tensor, name: str = 'elu') -> torch.Tensor:
+    """The positive feature map φ named ``name`` (one of :data:`FEATURE_MAPS`)."""
+    if name == 'elu':
+        return positive_feature_map(x)
+    if name == 'relu':
+        return F.relu(x) + 1e-3  # the floor keeps every w_ij, and so the normaliser, strictly positive
+    if name == 'softplus':
+        return F.softplus(x)
+    raise ValueError('unknown feature map ' + name + ', use one of elu, relu, softplus.')
+
+
+def linear_diffusion_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str = 'elu') -> torch.Tensor:
     """``A_diff(U) = (D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, in ``O(N·d²)`` per head.
 
     Args:
         q, k, v: ``(B, heads, N, d)``.
+        phi: Name of the positive feature map φ (:data:`FEATURE_MAPS`).
     Returns:
         ``Σ_j w_ij (v_j − v_i) / Σ_j w_ij`` for every token, ``(B, heads, N, d)``. Rows of ``D⁻¹W − I`` sum to
         zero, so a constant ``V`` gives exactly ``0`` up to rounding.
     """
-    q = positive_feature_map(q)
+    q = feature_map(q, phi)
     # 1/N keeps φ(K)ᵀV and Σφ(K) O(1) at any resolution (fp16 range); it cancels in the ratio
-    k = positive_feature_map(k) * (1. / k.shape[-2])
+    k = feature_map(k, phi) * (1. / k.shape[-2])
     kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the only global summary, never N×N
     normalizer = q @ k.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
     return (q @ kv) / normalizer - v
@@ -427,10 +482,11 @@ def diffusion_attention_reference(
         k: torch.Tensor,
         v: torch.Tensor,
         kernel: str = 'linear',
+        phi: str = 'elu',
 ) -> torch.Tensor:
     """Dense ``(D⁻¹W − I)·V`` with the ``N×N`` matrix built explicitly (tests only)."""
     if kernel == 'linear':
-        w = positive_feature_map(q) @ positive_feature_map(k).transpose(-2, -1)
+        w = feature_map(q, phi) @ feature_map(k, phi).transpose(-2, -1)
     else:
         w = torch.exp((q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5)
     degree = w.sum(-1, keepdim=True)

@@ -29,29 +29,38 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from .diffusion import (
-    DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention,
-    softmax_diffusion_attention, stencil_basis,
+    DEFAULT_OFFSETS, FEATURE_MAPS, diffusion_coefficients, diffusion_step, linear_diffusion_attention,
+    packed_linear_diffusion_attention, per_sample_diffusion_coefficients, per_sample_diffusion_step, softmax_diffusion_attention, stencil_basis,
 )
 from ._checkpoint import architecture_pre_hook
 from .hub import hub_id, resolve_pretrained_overlay  # noqa: F401  hub_id names the Hub repos of published cfgs
 
 __all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention']
 
-ATTN_KERNELS = ('linear', 'softmax')
+ATTN_KERNELS = ('linear', 'softmax', 'none')  # 'none': A_diff removed (ablation only)
+# where the primary diffusion acts: 'stream' = H + δt·K(H) on the residual stream (a convex average of the whole
+# stream), 'branch' = H + δt·K(LN(H)) as a pre-norm residual branch, 'none' = K removed (ablation only)
+DIFFUSION_FORMS = ('stream', 'branch', 'none')
+DT_MODES = ('param', 'input')  # δt from a learned τ per channel, or τ + a pooled projection of the input
+STEM_TYPES = ('patch', 'overlap')
 
 
 class PrimaryDiffusion(nn.Module):
     """``δt ⊙ K(H)``: learned multi-scale grid Laplacian with an adaptive, provably stable time step.
 
     Parameters per channel: ``a_raw`` (``S×C``, ``a_s = softplus(a_raw) ≥ 0``) and ``tau`` (``δt`` through
-    ``sigmoid(τ)`` inside the explicit-Euler bound). Both are excluded from weight decay.
+    ``sigmoid(τ)`` inside the explicit-Euler bound). Both are excluded from weight decay. With
+    ``dt_mode='input'`` a linear map of the token-averaged input is added to ``τ`` per sample (``tau_proj``):
+    only ``sigmoid(τ)`` changes, so every sample's step stays inside the same bound.
     """
+    input_dt: torch.jit.Final[bool]
 
     def __init__(
             self,
             dim: int,
             offsets: Sequence[int] = DEFAULT_OFFSETS,
             tau_init: float = -1.,
+            dt_mode: str = 'param',
             device=None,
             dtype=None,
     ):
@@ -59,10 +68,14 @@ class PrimaryDiffusion(nn.Module):
         offsets = [int(d) for d in offsets]
         if not offsets or min(offsets) < 1 or len(set(offsets)) != len(offsets):
             raise ValueError(f'diffusion offsets must be distinct positive ints, got {offsets}.')
+        if dt_mode not in DT_MODES:
+            raise ValueError(f'dt_mode must be one of {DT_MODES}, got {dt_mode!r}.')
         self.offsets: List[int] = offsets
         self.tau_init = tau_init
         self.a_raw = nn.Parameter(torch.zeros(len(offsets), dim, device=device, dtype=dtype))
         self.tau = nn.Parameter(torch.full((dim,), tau_init, device=device, dtype=dtype))
+        self.input_dt = dt_mode == 'input'
+        self.tau_proj = nn.Linear(dim, dim, device=device, dtype=dtype) if self.input_dt else nn.Identity()
         self.register_buffer('basis', stencil_basis(offsets, device=device), persistent=False)
         # implementation of the fused step ('auto' | 'conv' | 'shift', see diffusion_step); not in the state dict
         self.method: str = 'auto'
@@ -70,22 +83,31 @@ class PrimaryDiffusion(nn.Module):
     def init_non_persistent_buffers(self) -> None:
         self.basis.copy_(stencil_basis(self.offsets, device=self.basis.device, dtype=self.basis.dtype))
 
-    def coefficients(self) -> torch.Tensor:
-        """``δt·a_s`` per scale and channel, ``(S, C)``."""
+    def coefficients(self, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``δt·a_s`` per scale and channel, ``(S, C)``; ``(B, S, C)`` for an input-dependent step (needs ``x``)."""
+        if self.input_dt:
+            if x is None:
+                raise ValueError('dt_mode="input": coefficients(x) needs the token map x (B, h, w, C).')
+            return per_sample_diffusion_coefficients(self.a_raw, self.tau + self.tau_proj(x.mean((1, 2))))
         return diffusion_coefficients(self.a_raw, self.tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the update δt·K(H) alone (drop-path branch); same math as primary_diffusion, faster on CPU
+        # the update δt·K(H) alone (drop-path / pre-norm branch); same math as primary_diffusion, faster on CPU
+        if self.input_dt:
+            return per_sample_diffusion_step(x, self.coefficients(x), self.offsets, 0.)
         return diffusion_step(x, self.coefficients(), self.basis, self.offsets, self.method, 0.)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """``x + forward(x)`` in fewer passes (same math, see :func:`diffusion_step`)."""
+        if self.input_dt:
+            return per_sample_diffusion_step(x, self.coefficients(x), self.offsets)
         return diffusion_step(x, self.coefficients(), self.basis, self.offsets, self.method)
 
 
 class DiffusionAttention(nn.Module):
     """``W_o · A_diff(U)`` per head: global content-dependent diffusion ``(D⁻¹W − I)·V`` on ``(B, N, C)``."""
     use_linear: torch.jit.Final[bool]
+    use_packed: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -93,6 +115,7 @@ class DiffusionAttention(nn.Module):
             num_heads: int = 8,
             qkv_bias: bool = True,
             kernel: str = 'linear',
+            feature_map: str = 'elu',
             proj_drop: float = 0.,
             device=None,
             dtype=None,
@@ -101,31 +124,82 @@ class DiffusionAttention(nn.Module):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f'embed_dim ({dim}) must be divisible by num_heads ({num_heads}).')
-        if kernel not in ATTN_KERNELS:
-            raise ValueError(f'attn_kernel must be one of {ATTN_KERNELS}, got {kernel!r}.')
+        if kernel not in ATTN_KERNELS or kernel == 'none':
+            raise ValueError(f'attn_kernel must be one of {ATTN_KERNELS[:2]}, got {kernel!r}.')
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f'attn_feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}.')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.use_linear = kernel == 'linear'
+        self.feature_map = feature_map
+        self.use_packed = self.use_linear and feature_map == 'elu'  # the fast packed path implements elu+1
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        if self.use_linear:
+        if self.use_packed:
             # fast path: φ, normaliser and head layout handled on the packed projection (same math)
             # without autograd the fresh projection is overwritten in place (fewer CPU temporaries)
             x = packed_linear_diffusion_attention(self.qkv(x), self.num_heads, inplace=not torch.is_grad_enabled())
         else:
             q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            x = softmax_diffusion_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+            if self.use_linear:
+                x = linear_diffusion_attention(q, k, v, self.feature_map)
+            else:
+                x = softmax_diffusion_attention(q, k, v)
+            x = x.transpose(1, 2).reshape(B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
 
 
+class DwConvMlp(nn.Module):
+    """The local update F with a 3×3 depthwise conv on the hidden layer: ``fc2(act(dwconv(fc1(x))))``.
+
+    On a channels-last ``(B, h, w, C)`` map. The conv sees each token's 3×3 grid neighbourhood (zero padding: F is
+    a local update, not part of the row-sum-zero operators), adding ``9·hidden`` weights and MACs per token.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: int,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        # NHWC -> NCHW view is channels_last in memory: the depthwise conv runs without a layout copy
+        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.drop1(self.act(x))
+        return self.drop2(self.fc2(x))
+
+
 class LdnBlock(nn.Module):
-    """One LDN layer on a channels-last token map ``(B, h, w, C)``; drop-path on every branch."""
+    """One LDN layer on a channels-last token map ``(B, h, w, C)``; drop-path on every branch.
+
+    ``diffusion_form`` places the primary diffusion: ``'stream'`` (``H + δt·K(H)``, the step averages the whole
+    residual stream), ``'branch'`` (``H + δt·K(LN(H))``, a pre-norm residual branch like the other two terms) or
+    ``'none'`` (ablation). ``attn_kernel='none'`` removes A_diff (ablation); ``mlp_dwconv`` adds a 3×3 depthwise
+    conv to F's hidden layer.
+    """
     has_drop_path: torch.jit.Final[bool]
+    diffuse_stream: torch.jit.Final[bool]
+    diffuse_branch: torch.jit.Final[bool]
+    use_attn: torch.jit.Final[bool]
+    plain_mlp: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -134,7 +208,11 @@ class LdnBlock(nn.Module):
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             diffusion_offsets: Sequence[int] = DEFAULT_OFFSETS,
+            diffusion_form: str = 'stream',
+            dt_mode: str = 'param',
             attn_kernel: str = 'linear',
+            attn_feature_map: str = 'elu',
+            mlp_dwconv: bool = False,
             tau_init: float = -1.,
             ls_init_value: float = 1.,
             proj_drop: float = 0.,
@@ -146,39 +224,67 @@ class LdnBlock(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.diffusion = PrimaryDiffusion(dim, diffusion_offsets, tau_init=tau_init, **dd)
+        if diffusion_form not in DIFFUSION_FORMS:
+            raise ValueError(f'diffusion_form must be one of {DIFFUSION_FORMS}, got {diffusion_form!r}.')
+        if attn_kernel not in ATTN_KERNELS:
+            raise ValueError(f'attn_kernel must be one of {ATTN_KERNELS}, got {attn_kernel!r}.')
+        self.diffuse_stream = diffusion_form == 'stream'
+        self.diffuse_branch = diffusion_form == 'branch'
+        self.norm0 = norm_layer(dim, **dd) if self.diffuse_branch else nn.Identity()
+        self.diffusion = PrimaryDiffusion(
+            dim, diffusion_offsets, tau_init=tau_init, dt_mode=dt_mode, **dd) if diffusion_form != 'none' \
+            else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = DiffusionAttention(dim, num_heads, qkv_bias=qkv_bias, kernel=attn_kernel, proj_drop=proj_drop, **dd)
-        self.ls1 = LayerScale(dim, init_values=ls_init_value, **dd)
+        self.use_attn = attn_kernel != 'none'
+        if self.use_attn:
+            self.norm1 = norm_layer(dim, **dd)
+            self.attn = DiffusionAttention(
+                dim, num_heads, qkv_bias=qkv_bias, kernel=attn_kernel, feature_map=attn_feature_map,
+                proj_drop=proj_drop, **dd)
+            self.ls1 = LayerScale(dim, init_values=ls_init_value, **dd)
+        else:
+            self.norm1 = self.attn = self.ls1 = nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        hidden = int(dim * mlp_ratio)
+        self.plain_mlp = not mlp_dwconv
+        if mlp_dwconv:
+            self.mlp = DwConvMlp(dim, hidden, act_layer=act_layer, drop=proj_drop, **dd)
+        else:
+            self.mlp = Mlp(dim, hidden, act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path3 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.has_drop_path = drop_path > 0.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         if self.training and self.has_drop_path:  # stochastic depth needs each branch on its own
-            x = x + self.drop_path1(self.diffusion(x))
-            x = x + self.drop_path2(self.ls1(self.attn(self.norm1(x).reshape(B, H * W, C)))).reshape(B, H, W, C)
+            if self.diffuse_stream:
+                x = x + self.drop_path1(self.diffusion(x))
+            elif self.diffuse_branch:
+                x = x + self.drop_path1(self.diffusion(self.norm0(x)))
+            if self.use_attn:
+                x = x + self.drop_path2(self.ls1(self.attn(self.norm1(x).reshape(B, H * W, C)))).reshape(B, H, W, C)
             x = x + self.drop_path3(self.mlp(self.norm2(x)))
             return x
         # same math with fewer passes over the tokens: the residual of the diffusion step rides in its stencil,
         # layer scale and residual add are one addcmul, and the MLP residual is added in place into the fresh
         # MLP output (a Linear's backward never reads its output, so this is autograd-safe).
-        x = self.diffusion.step(x)
-        a = self.attn(self.norm1(x).reshape(B, H * W, C)).reshape(B, H, W, C)
-        if torch.is_grad_enabled():
-            x = torch.addcmul(x, a, self.ls1.gamma)
-        else:  # no graph to protect: reuse the attention output's buffer (one CPU temporary fewer)
-            x = torch.addcmul(x, a, self.ls1.gamma, out=a)
+        if self.diffuse_stream:
+            x = self.diffusion.step(x)
+        elif self.diffuse_branch:
+            x = x + self.diffusion(self.norm0(x))
+        if self.use_attn:
+            a = self.attn(self.norm1(x).reshape(B, H * W, C)).reshape(B, H, W, C)
+            if torch.is_grad_enabled():
+                x = torch.addcmul(x, a, self.ls1.gamma)
+            else:  # no graph to protect: reuse the attention output's buffer (one CPU temporary fewer)
+                x = torch.addcmul(x, a, self.ls1.gamma, out=a)
         return self._mlp(self.norm2(x)).add_(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or torch.is_grad_enabled():
+        if torch.jit.is_scripting() or torch.is_grad_enabled() or not self.plain_mlp:
             return self.mlp(x)
         return self._mlp_no_grad(x)
 
@@ -195,6 +301,51 @@ class LdnBlock(nn.Module):
             return mlp(x)
         h = torch.ops.aten.gelu_(mlp.fc1(x))
         return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))
+
+
+class OverlapConvStem(nn.Module):
+    """Overlapping conv stem of total stride ``patch_size``: log2(p) 3×3 stride-2 convs (LayerNorm2d + GELU
+    between), widths doubling up to ``embed_dim``, then LayerNorm; output channels-last ``(B, h, w, C)``.
+
+    Drop-in for the patch-embedding conv: same token grid ``H/p × W/p``; the first conv is ``proj`` so timm's
+    ``first_conv`` adaptation (``in_chans``) finds it.
+    """
+
+    def __init__(
+            self,
+            patch_size: int,
+            in_chans: int,
+            embed_dim: int,
+            norm_layer: Callable,
+            act_layer: Type[nn.Module] = nn.GELU,
+            dynamic_img_pad: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        num_convs = int(patch_size).bit_length() - 1
+        if patch_size < 2 or 2 ** num_convs != patch_size:
+            raise ValueError(f'stem_type="overlap" needs a power-of-two patch_size >= 2, got {patch_size}.')
+        widths = [max(embed_dim // 2 ** (num_convs - 1 - i), 8) for i in range(num_convs)]
+        widths[-1] = embed_dim
+        self.patch_size = (patch_size, patch_size)
+        self.dynamic_img_pad = dynamic_img_pad
+        self.proj = nn.Conv2d(in_chans, widths[0], 3, stride=2, padding=1, **dd)
+        layers: List[nn.Module] = []
+        for i in range(1, num_convs):
+            layers += [LayerNorm2d(widths[i - 1], **dd), act_layer(),
+                       nn.Conv2d(widths[i - 1], widths[i], 3, stride=2, padding=1, **dd)]
+        self.convs = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_pad:
+            pad_h = (self.patch_size[0] - x.shape[-2] % self.patch_size[0]) % self.patch_size[0]
+            pad_w = (self.patch_size[1] - x.shape[-1] % self.patch_size[1]) % self.patch_size[1]
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        x = self.convs(self.proj(x))
+        return self.norm(x.permute(0, 2, 3, 1))
 
 
 @register_notrace_function
@@ -242,7 +393,12 @@ class LinearDiffusionNet(nn.Module):
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             diffusion_offsets: Sequence[int] = DEFAULT_OFFSETS,
+            diffusion_form: str = 'stream',
+            dt_mode: str = 'param',
             attn_kernel: str = 'linear',
+            attn_feature_map: str = 'elu',
+            mlp_dwconv: bool = False,
+            stem_type: str = 'patch',
             tau_init: float = -1.,
             ls_init_value: float = 1.,
             drop_rate: float = 0.,
@@ -269,7 +425,13 @@ class LinearDiffusionNet(nn.Module):
             num_heads: Heads of the diffusion-based attention.
             mlp_ratio: Hidden ratio of the local update MLP.
             diffusion_offsets: Grid offsets of the multi-scale diffusion stencil.
-            attn_kernel: 'linear' (φ(Q)φ(K)ᵀ, linear cost) or 'softmax' (exact exp kernel via SDPA, quadratic).
+            diffusion_form: 'stream' (H + δt·K(H)), 'branch' (H + δt·K(LN(H))) or 'none' (ablation).
+            dt_mode: 'param' (δt from a learned τ per channel) or 'input' (τ plus a pooled projection of the input).
+            attn_kernel: 'linear' (φ(Q)φ(K)ᵀ, linear cost), 'softmax' (exact exp kernel via SDPA, quadratic) or
+                'none' (A_diff removed, ablation).
+            attn_feature_map: φ of the linear kernel: 'elu' (elu+1), 'relu' (relu+1e-3) or 'softplus'.
+            mlp_dwconv: Add a 3×3 depthwise conv on the hidden layer of the local update F.
+            stem_type: 'patch' (non-overlapping patch conv) or 'overlap' (stride-2 3×3 convs, same total stride).
             tau_init: Initial τ of the time step, ``δt = sigmoid(τ) / Σ|N_s|a_s``.
             ls_init_value: Initial per-channel scale γ of the attention branch.
             drop_rate: Head dropout rate.
@@ -299,18 +461,24 @@ class LinearDiffusionNet(nn.Module):
         self.dynamic_img_pad = dynamic_img_pad
         self.grad_checkpointing = False
 
-        # stem: non-overlapping patch conv + LayerNorm, emitted channels-last
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            norm_layer=norm_layer,
-            output_fmt='NHWC',
-            strict_img_size=False,
-            dynamic_img_pad=dynamic_img_pad,
-            **dd,
-        )
+        if stem_type not in STEM_TYPES:
+            raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {stem_type!r}.')
+        if stem_type == 'overlap':
+            self.patch_embed = OverlapConvStem(
+                patch_size, in_chans, embed_dim, norm_layer, act_layer, dynamic_img_pad=dynamic_img_pad, **dd)
+        else:
+            # stem: non-overlapping patch conv + LayerNorm, emitted channels-last
+            self.patch_embed = PatchEmbed(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                embed_dim=embed_dim,
+                norm_layer=norm_layer,
+                output_fmt='NHWC',
+                strict_img_size=False,
+                dynamic_img_pad=dynamic_img_pad,
+                **dd,
+            )
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.Sequential(*[
             LdnBlock(
@@ -319,7 +487,11 @@ class LinearDiffusionNet(nn.Module):
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
                 diffusion_offsets=diffusion_offsets,
+                diffusion_form=diffusion_form,
+                dt_mode=dt_mode,
                 attn_kernel=attn_kernel,
+                attn_feature_map=attn_feature_map,
+                mlp_dwconv=mlp_dwconv,
                 tau_init=tau_init,
                 ls_init_value=ls_init_value,
                 proj_drop=proj_drop_rate,

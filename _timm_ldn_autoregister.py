@@ -55,6 +55,7 @@ class _PostImportLoader:
         module.__loader__ = self._loader
         if getattr(module, '__spec__', None) is not None:
             module.__spec__.loader = self._loader
+        _uninstall()  # timm is being imported for real: the finder's job is done
         self._loader.exec_module(module)
         _register()
 
@@ -63,15 +64,22 @@ class _PostImportLoader:
 
 
 class _TimmImportFinder:
-    """A one-shot ``sys.meta_path`` finder that only reacts to the top-level name ``timm``."""
+    """A ``sys.meta_path`` finder that only reacts to the top-level name ``timm``, removed once timm is imported.
+
+    It stays installed through mere probes: ``importlib.util.find_spec('timm')`` (transformers' availability
+    check, for one) asks the finders for a spec without loading it; removing the finder there would leave the
+    real ``import timm`` that follows without ``ldn_*``.
+    """
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != TARGET:
             return None
-        self.uninstall()  # one shot: no cost for any later import, and no recursion below
-        if disabled():
+        if disabled() or TARGET in sys.modules:
+            self.uninstall()
             return None
         for finder in sys.meta_path:  # the finders that would have handled timm without us
+            if isinstance(finder, _TimmImportFinder):  # ourselves (no recursion)
+                continue
             find_spec = getattr(finder, 'find_spec', None)
             if find_spec is None:
                 continue
@@ -87,6 +95,11 @@ class _TimmImportFinder:
             sys.meta_path.remove(self)
         except ValueError:
             pass
+
+
+def _uninstall() -> None:
+    for finder in [f for f in sys.meta_path if isinstance(f, _TimmImportFinder)]:
+        finder.uninstall()
 
 
 def install() -> None:

@@ -71,6 +71,20 @@ def test_plain_import_timm_registers_ldn(tmp_path):
     assert 'automatic registration' not in out['_stderr']
 
 
+def test_probe_for_timm_before_import_still_registers(tmp_path):
+    """transformers checks ``importlib.util.find_spec('timm')`` before it imports timm; that probe must not use up
+    the hook (it did: TimmWrapper then failed with 'Unknown model (ldn_nano_patch4_28)')."""
+    out = _run('''
+        import importlib.util, json, sys
+        assert importlib.util.find_spec('timm') is not None and 'timm' not in sys.modules
+        import timm
+        print(json.dumps({'models': timm.list_models('ldn_*'),
+                          'finders': [type(f).__name__ for f in sys.meta_path]}))
+    ''', cwd=str(tmp_path))
+    assert 'ldn_small' in out['models']
+    assert '_TimmImportFinder' not in out['finders']  # removed once timm was imported
+
+
 def test_startup_hook_is_cheap_and_lazy(tmp_path):
     """Without ``import timm``: the finder is installed, nothing heavy is imported, and it costs < 5 ms."""
     out = _run('''
@@ -156,6 +170,9 @@ def test_install_is_idempotent_and_one_shot(monkeypatch):
     assert finders[0].find_spec('numpy') is None and finders[0] in sys.meta_path
     spec = finders[0].find_spec('timm')
     assert spec is not None and isinstance(spec.loader, hook._PostImportLoader)
+    assert finders[0] in sys.meta_path  # a probe (find_spec without loading) keeps it for the real import
+    assert finders[0].find_spec('timm') is not None and len([f for f in sys.meta_path if f is finders[0]]) == 1
+    hook._uninstall()  # what the real import does (test_plain_import_timm_registers_ldn runs it end to end)
     assert finders[0] not in sys.meta_path
 
     monkeypatch.setenv(hook.ENV_VAR, '1')

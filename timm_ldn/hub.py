@@ -25,7 +25,8 @@ __all__ = [
     'HF_HUB_NAMESPACE', 'WEIGHTS_FILENAME', 'MANIFEST_ENV', 'MANIFEST_SCHEMA_VERSION', 'WeightsError',
     'ChecksumError', 'NoPretrainedWeightsError', 'hub_id', 'manifest_path', 'load_manifest', 'save_manifest',
     'add_manifest_entry', 'find_entry', 'sha256_file', 'verify_file', 'check_weight_file', 'tags_with_weights',
-    'resolve_pretrained_overlay', 'local_weight_file', 'probe_input',
+    'resolve_pretrained_overlay', 'local_weight_file', 'probe_input', 'weights_dir', 'samples_dir',
+    'is_packaged_weights_dir', 'verified_snapshot',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ _logger = logging.getLogger(__name__)
 # The project's Hugging Face Hub namespace: the only place it is spelled out.
 HF_HUB_NAMESPACE = 'timm-ldn'
 WEIGHTS_FILENAME = 'model.safetensors'
-# Point at another manifest (tests, forks, a wheel install without the repo's weights/ folder).
+# Point at another manifest (tests, forks).
 MANIFEST_ENV = 'LDN_WEIGHTS_MANIFEST'
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -69,12 +70,34 @@ def hub_id(model_name: str) -> str:
     return f'{HF_HUB_NAMESPACE}/{model_name}'
 
 
+def weights_dir() -> Path:
+    """The project's ``weights/`` folder (manifest, shipped weights, sample images) in this install.
+
+    There is one copy in the source tree, ``weights/`` at the repository root; a wheel (built directly or from
+    the sdist) carries it as package data in ``timm_ldn/weights/`` (``setup.py``). A checkout and an editable
+    install have no ``timm_ldn/weights/``, so they read the repository's folder, which ``ldn export`` updates.
+    """
+    package = Path(__file__).resolve().parent
+    packaged = package / 'weights'
+    return packaged if packaged.is_dir() else package.parent / 'weights'
+
+
+def is_packaged_weights_dir(path: Union[str, Path]) -> bool:
+    """True for the read-only copy inside an installed wheel (not a place to write new manifest entries)."""
+    return Path(path).resolve() == Path(__file__).resolve().parent / 'weights'
+
+
 def manifest_path() -> Path:
-    """The manifest in use: ``$LDN_WEIGHTS_MANIFEST``, else ``weights/manifest.json`` of this checkout."""
+    """The manifest in use: ``$LDN_WEIGHTS_MANIFEST``, else ``manifest.json`` of :func:`weights_dir`."""
     env = os.environ.get(MANIFEST_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json'
+    return weights_dir() / 'manifest.json'
+
+
+def samples_dir() -> Path:
+    """Sample images shipped with the package (``ldn predict --samples``)."""
+    return weights_dir() / 'samples'
 
 
 def _empty_manifest() -> Dict[str, Any]:
@@ -247,8 +270,8 @@ def resolve_pretrained_overlay(
     * no weight source in the resolved cfg → ``NoPretrainedWeightsError`` naming the tags that have weights;
     * a Hub file in our namespace → timm downloads it, its sha256 is checked against the manifest and timm
       is handed the verified cached path (``file``); a Hub file of ours missing from the manifest is refused;
-      when the Hub cannot be reached, a copy shipped in the checkout (manifest ``local_file``, same sha256)
-      is used instead, so a clone works offline;
+      when the Hub cannot be reached, a copy shipped in ``weights/`` (manifest ``local_file``, same sha256)
+      is used instead, so a clone or a wheel install works offline;
     * a file / state dict the caller passed explicitly is the caller's choice: only checked for truncation;
     * a Hub repo outside our namespace (someone's fine-tune via ``hf-hub:``) is left to timm unchanged.
     """
@@ -288,25 +311,49 @@ def resolve_pretrained_overlay(
     try:
         path = _download(repo, filename, cache_dir)
     except WeightsError:
-        # no network / Hub: the copy shipped in a checkout is the same file (same sha256), so use it
+        # no network / Hub: the copy shipped in weights/ is the same file (same sha256), so use it
         local = local_weight_file(name)
         if local is None:
             raise
-        _logger.warning(f'{repo} unreachable: loading the verified copy shipped in the checkout, {local}')
+        _logger.warning(f'{repo} unreachable: loading the verified copy shipped with timm-ldn, {local}')
         overlay.update(file=str(local), source=None)
         return overlay
-    try:
-        verify_file(path, entry)
-    except ChecksumError:
-        _remove_cached(path)
-        raise
+    _verify_cached(path, entry)
     # load exactly the verified bytes through timm's file loader; source='hf-hub' would make timm re-resolve
     overlay.update(file=str(path), source=None)
     return overlay
 
 
+def _verify_cached(path: Path, entry: Dict[str, Any]) -> None:
+    """Check a downloaded file against the manifest; a bad file is evicted from the cache, then refused."""
+    try:
+        verify_file(path, entry)
+    except ChecksumError:
+        _remove_cached(path)
+        raise
+
+
+def verified_snapshot(model_name: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Download a published ``<architecture>.<tag>`` (weights + ``config.json``), verify the weights' sha256 and
+    return the local snapshot folder.
+
+    For loaders that fetch Hub files themselves and so skip the manifest check, e.g. transformers:
+    ``AutoModelForImageClassification.from_pretrained(verified_snapshot('ldn_nano_patch4_28.fmnist'))`` loads
+    exactly the verified bytes, from disk.
+    """
+    entry = load_manifest().get('weights', {}).get(model_name)
+    if entry is None:
+        raise NoPretrainedWeightsError(_no_weights_message(model_name))
+    weights = _download(entry['hf_hub_id'], entry['filename'], cache_dir)
+    _verify_cached(weights, entry)
+    config = _download(entry['hf_hub_id'], 'config.json', cache_dir)
+    if config.parent != weights.parent:  # a new commit landed between the two downloads
+        raise WeightsError(f'{entry["hf_hub_id"]} changed while downloading; try again.')
+    return weights.parent
+
+
 def local_weight_file(model_name: str, manifest: Optional[Dict[str, Any]] = None) -> Optional[Path]:
-    """Verified copy of a published weight shipped inside the repo (manifest ``local_file``), or None.
+    """Verified copy of a published weight shipped in ``weights/`` (manifest ``local_file``), or None.
 
     Lets ``ldn predict`` / ``ldn info`` run offline; the copy must match the manifest's sha256.
     """

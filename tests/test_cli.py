@@ -1,7 +1,10 @@
 """ ``ldn predict`` / ``ldn info`` (in-process, offline: weights come from the manifest's verified local copy)."""
+import io
 import json
+import re
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -60,7 +63,71 @@ def test_predict_folder_topk_with_class_names(offline_manifest, images, capsys):
     assert all(p['label'] == f'class_{p["index"]}' for r in rows for p in r['topk'])
     assert 'verified local copy' in err
     assert 'skipped' in err and 'broken.png' in err and 'notes.txt' not in err
-    assert '12/12' in err  # the progress bar ran over every image file (broken.png included)
+    assert '12/12' not in err and 'img/s' not in err  # stdout is not a terminal here: no progress bar
+
+
+class _Terminal(io.StringIO):
+    """Receives what a terminal would; ``isatty()`` is True, so ``ldn predict`` draws its bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _screen(stream: str) -> List[str]:
+    """The lines a terminal shows: ``\r`` returns to column 0 and later characters overwrite earlier ones."""
+    lines, line, col = [], [], 0
+    for ch in stream:
+        if ch == '\n':
+            lines.append(''.join(line))
+            line, col = [], 0
+        elif ch == '\r':
+            col = 0
+        else:
+            line[col:col + 1] = [ch]
+            col += 1
+    return lines + [''.join(line)]
+
+
+@pytest.mark.parametrize('as_json', [False, True])
+def test_predict_results_and_progress_bar_never_share_a_line(offline_manifest, images, monkeypatch, as_json):
+    """stdout and stderr on one terminal (the usual shell): every result line reads clean, the bar ran."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, 'stdout', terminal)
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    rc = ldn_main(['predict', str(images), '--model', TAG, '--batch-size', '2'] + (['--json'] if as_json else []))
+    assert rc == 0
+    shown = [line.rstrip() for line in _screen(terminal.getvalue())]
+    assert any('12/12' in line for line in shown), 'no progress bar although both streams are terminals'
+    if as_json:
+        results = [line for line in shown if '"image"' in line]
+        assert len(results) == 11 and all(json.loads(line)['topk'] for line in results), results
+    else:
+        results = [line for line in shown if '.png: class_' in line]
+        assert len(results) == 11
+        for line in results:
+            assert re.fullmatch(r'\S+img\d\d\.png: (class_\d \(\d+\.\d%\)(, )?)+', line), line
+
+
+def test_predict_json_into_a_pipe_is_pure_json(offline_manifest, images, monkeypatch, capsys):
+    """stdout redirected (``ldn predict --json ... > out.jsonl``) while stderr is a terminal: no bar at all."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    assert ldn_main(['predict', str(images), '--model', TAG, '--json']) == 0
+    out = capsys.readouterr().out
+    assert [json.loads(line)['image'] for line in out.splitlines()] == [
+        str(p) for p in sorted(images.rglob('img*.png'))]
+    assert 'img/s' not in terminal.getvalue() and '12/12' not in terminal.getvalue()
+
+
+def test_predict_bundled_samples(monkeypatch, capsys):
+    """``ldn predict --samples``: the shipped Fashion-MNIST images with the shipped weights, no Hub."""
+    monkeypatch.delenv(hub.MANIFEST_ENV, raising=False)
+    monkeypatch.setattr(hub, '_download', lambda *a, **k: (_ for _ in ()).throw(AssertionError('no Hub needed')))
+    rows = _predict_json(capsys, '--samples', '--model', 'ldn_nano_patch4_28.fmnist', '--topk', '1')[1]
+    truth = json.loads((hub.samples_dir() / 'samples.json').read_text())['images']
+    assert len(rows) == len(truth) == 10
+    for row in rows:
+        assert row['topk'][0]['index'] == truth[Path(row['image']).name]['predicted'], row
 
 
 def test_predict_matches_model_with_timm_preprocessing(offline_manifest, images, capsys):

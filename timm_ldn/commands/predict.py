@@ -3,6 +3,10 @@
 Weights, in order: ``--checkpoint FILE`` (your own), the verified copy shipped in ``weights/`` when the manifest
 records one (offline), else ``pretrained=True`` (Hub download, sha256-verified). Preprocessing is timm's
 ``resolve_data_config`` + ``create_transform`` from the model's pretrained cfg.
+
+Output: results on stdout, one line per image (``--json``: one JSON object per line, nothing else); notes and the
+progress bar on stderr. The bar is drawn only when stdout and stderr are both terminals, and results are written
+through tqdm so a bar line is cleared before a result is printed (never ``  40%|███ img.png: Coat``).
 """
 import argparse
 import json
@@ -19,15 +23,18 @@ PROGRESS_MIN_IMAGES = 10  # below this a bar is noise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('inputs', nargs='+', metavar='IMAGE_OR_DIR',
+    parser.add_argument('inputs', nargs='*', metavar='IMAGE_OR_DIR',
                         help='image files and/or folders (searched recursively for image files)')
+    parser.add_argument('--samples', action='store_true',
+                        help='also classify the sample images shipped with timm-ldn (Fashion-MNIST, see `ldn info`)')
     parser.add_argument('--model', '-m', required=True, metavar='NAME[.TAG]', help='e.g. ldn_tiny.<tag>')
     parser.add_argument('--checkpoint', metavar='FILE',
                         help='load these weights instead of the published ones (safetensors / train.py checkpoint)')
     parser.add_argument('--topk', type=int, default=5, help='classes shown per image (default 5)')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--json', action='store_true', help='one JSON object per image on stdout')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar (shown for ≥10 images)')
+    parser.add_argument('--no-progress', action='store_true',
+                        help='no progress bar (shown for ≥10 images when stdout and stderr are terminals)')
 
 
 def collect_images(inputs: Sequence[str]) -> Tuple[List[Path], List[Tuple[str, str]]]:
@@ -78,9 +85,13 @@ def run(args: argparse.Namespace) -> int:
     from timm.data import create_transform, resolve_data_config
     from tqdm import tqdm
     import timm_ldn  # noqa: F401  registers ldn_* with timm
-    from timm_ldn.hub import WeightsError
+    from timm_ldn.hub import WeightsError, samples_dir
 
-    files, skipped = collect_images(args.inputs)
+    inputs = list(args.inputs) + ([str(samples_dir())] if args.samples else [])
+    if not inputs:
+        print('ldn predict: give image files / folders, or --samples for the bundled sample images.', file=sys.stderr)
+        return 2
+    files, skipped = collect_images(inputs)
     try:
         model, source = load_model(args.model, args.checkpoint)
     except (WeightsError, RuntimeError, FileNotFoundError) as e:
@@ -94,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
     topk = max(1, min(args.topk, model.num_classes))
 
     done = 0
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()  # a bar in a pipe or log file is only noise
     bar = tqdm(total=len(files), unit='img', file=sys.stderr,
-               disable=args.no_progress or len(files) < PROGRESS_MIN_IMAGES)
+               disable=args.no_progress or len(files) < PROGRESS_MIN_IMAGES or not interactive)
     for start in range(0, len(files), args.batch_size):
         batch, paths = [], []
         for path in files[start:start + args.batch_size]:
@@ -114,17 +126,17 @@ def run(args: argparse.Namespace) -> int:
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
             preds = [dict(index=i, label=names[i] if names else str(i), prob=round(v, 6)) for v, i in zip(vals, idxs)]
             if args.json:
-                print(json.dumps(dict(image=str(path), topk=preds)))
+                line = json.dumps(dict(image=str(path), topk=preds))
             else:
-                text = ', '.join(f'{p["label"]} ({100 * p["prob"]:.1f}%)' for p in preds)
-                bar.write(f'{path}: {text}', file=sys.stdout)
+                line = f'{path}: ' + ', '.join(f'{p["label"]} ({100 * p["prob"]:.1f}%)' for p in preds)
+            tqdm.write(line, file=sys.stdout)  # clears the bar first, then redraws it below the result
             done += 1
     bar.close()
 
     for path, reason in skipped:
         print(f'skipped {path}: {reason}', file=sys.stderr)
     if not done:
-        print(f'ldn predict: no readable image in {" ".join(args.inputs)} ({len(skipped)} skipped).', file=sys.stderr)
+        print(f'ldn predict: no readable image in {" ".join(inputs)} ({len(skipped)} skipped).', file=sys.stderr)
         return 1
     print(f'# {done} image(s) classified, {len(skipped)} skipped', file=sys.stderr)
     return 0

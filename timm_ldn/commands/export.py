@@ -29,8 +29,9 @@ examples:
   ldn export model_best.pth.tar --model ldn_nano.fmnist --labels labels.txt --local-copy ...
 
 The tag must then be registered in timm_ldn/ldn.py default_cfgs with hf_hub_id=hub_id('<arch>.<tag>'); the
-command prints the entry to paste when it is missing. The manifest entry is written to weights/manifest.json
-(or --manifest / $LDN_WEIGHTS_MANIFEST). Exit code 0 on success, 2 on bad arguments / unusable checkpoint.
+command prints the entry to paste when it is missing. The manifest entry is written to weights/manifest.json of
+the checkout (or --manifest / $LDN_WEIGHTS_MANIFEST); the next release ships that file, and --local-copy files, in
+the wheel. Exit code 0 on success, 2 on bad arguments / unusable checkpoint.
 --push cannot be tested offline: it is one HfApi.create_repo + HfApi.upload_folder call.
 """
 
@@ -170,12 +171,33 @@ Command line: `ldn predict image.png --model {name}`, `ldn info {name}`.
 """
 
 
+def write_hf_config(model: torch.nn.Module, path: Path) -> None:
+    """timm's ``config.json`` (``save_config_for_hf``), with what transformers' ``TimmWrapper`` needs as well.
+
+    * ``label_names`` at the top level: TimmWrapper builds ``id2label`` from there only (timm reads the copy in
+      ``pretrained_cfg``); without it the pipeline answers ``LABEL_3``.
+    * no ``num_classes`` in ``model_args``: TimmWrapper calls ``create_model(arch, num_classes=num_labels,
+      **model_args)``, so a second ``num_classes`` is a TypeError; timm takes it from the top-level
+      ``num_classes`` either way.
+    """
+    from timm.models._hub import save_config_for_hf
+    from timm_ldn.ldn import LDN_LAYOUT_VERSION
+
+    model_config: Dict[str, Any] = dict(ldn_layout_version=LDN_LAYOUT_VERSION)
+    labels = model.pretrained_cfg.get('label_names')
+    if labels and len(labels) == model.num_classes:
+        model_config['label_names'] = list(labels)
+    save_config_for_hf(model, path, model_config=model_config)
+    config = json.loads(path.read_text(encoding='utf-8'))
+    config.get('model_args', {}).pop('num_classes', None)
+    path.write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+
+
 def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
     """Build the model from the checkpoint, write the Hub folder and return its manifest entry."""
     import safetensors.torch
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
-    from timm.models._hub import save_config_for_hf
 
     from timm_ldn.hub import HF_HUB_NAMESPACE, WEIGHTS_FILENAME, hub_id, probe_input, sha256_file
     from timm_ldn.ldn import LDN_LAYOUT_VERSION, checkpoint_filter_fn, unwrap_checkpoint
@@ -259,7 +281,7 @@ def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
     # the manifest sha256) differ between runs; the layout version lives in config.json and the manifest
     safetensors.torch.save_file(tensors, str(weights_path), metadata={'format': 'pt'})
     weights_path.chmod(0o644)  # safetensors writes 0600; a published / shipped file is world-readable
-    save_config_for_hf(model, out_dir / 'config.json', model_config=dict(ldn_layout_version=LDN_LAYOUT_VERSION))
+    write_hf_config(model, out_dir / 'config.json')
 
     input_size = tuple(cfg['input_size'])
     params, gmacs = model_stats(model, input_size)
@@ -316,8 +338,14 @@ def _push(out_dir: Path, repo_id: str, token: Optional[str], private: bool) -> s
 
 def run(args: argparse.Namespace) -> int:
     import timm_ldn  # noqa: F401  registers ldn_* with timm
-    from timm_ldn.hub import add_manifest_entry, manifest_path
+    from timm_ldn.hub import add_manifest_entry, is_packaged_weights_dir, manifest_path
 
+    if not args.no_manifest and not args.manifest and is_packaged_weights_dir(manifest_path().parent):
+        # a wheel's copy is rebuilt from the repository's weights/ at every release: an entry added here is lost
+        print(f'ldn export: the default manifest {manifest_path()} belongs to an installed wheel. Run ldn export '
+              f'in a checkout of timm-ldn (it writes weights/manifest.json, which the next release ships), or pass '
+              f'--manifest / --no-manifest.', file=sys.stderr)
+        return 2
     try:
         entry = export_checkpoint(args)
     except pickle.UnpicklingError as e:  # weights_only=True refused a pickled object: never run checkpoint code

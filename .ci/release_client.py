@@ -1,0 +1,140 @@
+""" Client half of .ci/release_check.py: runs inside the fresh venv that holds only the built timm-ldn wheel.
+
+The release check copies this file out of the checkout and runs it from a folder outside it, so nothing of the
+checkout is importable. Prints one JSON line per check: {"check": name, "ok": bool, ...}.
+
+usage: python release_client.py isolation|online|offline|tampered PROJECT_DIR
+"""
+import importlib.metadata
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def report(check: str, ok: bool, **detail) -> None:
+    print(json.dumps(dict(check=check, ok=ok, **detail), default=str), flush=True)
+
+
+def attempt(check: str, fn) -> None:
+    try:
+        report(check, **fn())
+    except Exception as e:  # the check reports any failure with its type and message
+        report(check, False, error=f'{type(e).__name__}: {e}', trace=traceback.format_exc()[-1500:])
+
+
+def isolation(project: Path) -> dict:
+    """`import timm` alone registers ldn_*, and everything timm-ldn comes from this venv, nothing from the checkout."""
+    import timm  # no `import timm_ldn`: the wheel's start-up hook must do it
+    models = timm.list_models('ldn_*')
+    import timm_ldn
+    import _timm_ldn_autoregister
+    from timm_ldn.hub import manifest_path
+    venv = Path(sys.prefix).resolve()
+    dist = importlib.metadata.distribution('timm-ldn')
+    where = {
+        'timm_ldn': Path(timm_ldn.__file__).resolve(),
+        'hook': Path(_timm_ldn_autoregister.__file__).resolve(),
+        'manifest': manifest_path().resolve(),
+        'dist_info': Path(dist.locate_file('')).resolve(),
+    }
+    leaks = [p for p in sys.path if p and Path(p).resolve().is_relative_to(project)]
+    outside = {k: str(v) for k, v in where.items() if not v.is_relative_to(venv)}
+    ok = ('ldn_small' in models and not leaks and not outside and timm_ldn.__version__ == dist.version)
+    return dict(ok=ok, models=models, checkout_on_sys_path=leaks, not_from_venv=outside,
+                version=timm_ldn.__version__, dist_version=dist.version, manifest=str(where['manifest']))
+
+
+def _probe_matches(model, entry: dict) -> bool:
+    import torch
+    from timm_ldn.hub import probe_input
+    with torch.no_grad():
+        logits = model.eval()(probe_input(tuple(entry['input_size'])))[0]
+    want = entry.get('probe', {}).get('top5')
+    if not want:
+        return True
+    top = torch.topk(logits, len(want))
+    return ([int(i) for i in top.indices] == [i for i, _ in want]
+            and torch.allclose(top.values, torch.tensor([v for _, v in want]), atol=1e-4))
+
+
+def load_every_tag(phase: str) -> None:
+    """pretrained=True and hf-hub: for every manifest tag; the loaded file must be the Hub download in HF_HOME."""
+    import timm
+    from timm_ldn.hub import load_manifest
+    hf_home = Path(os.environ['HF_HOME']).resolve()
+    for name, entry in load_manifest()['weights'].items():
+        for label, model_name in (('pretrained', name), ('hf_hub', f'hf-hub:{entry["hf_hub_id"]}')):
+            def load(model_name=model_name, entry=entry):
+                model = timm.create_model(model_name, pretrained=True)
+                file = Path(model.pretrained_cfg.get('file') or '').resolve()
+                from_cache = file.is_relative_to(hf_home)
+                probe = _probe_matches(model, entry)
+                return dict(ok=from_cache and probe, file=str(file), from_hub_cache=from_cache, probe_matches=probe)
+            attempt(f'{phase}:{label}:{name}', load)
+        if phase == 'online':
+            attempt(f'{phase}:transformers:{name}', lambda entry=entry: transformers_loads(entry))
+
+
+def transformers_loads(entry: dict) -> dict:
+    """transformers' TimmWrapper on the Hub repo `ldn export` wrote: same logits as timm, pipeline labels."""
+    try:
+        import transformers  # optional extra
+    except ImportError:
+        return dict(ok=True, skipped='transformers not installed')
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from timm_ldn.hub import probe_input, samples_dir
+    repo = entry['hf_hub_id']
+    hf_model = transformers.AutoModelForImageClassification.from_pretrained(repo).eval()
+    ref = timm.create_model(entry['model'], pretrained=True).eval()
+    x = probe_input(tuple(entry['input_size']))
+    with torch.no_grad():
+        same = torch.allclose(hf_model(pixel_values=x).logits, ref(x), atol=1e-5)
+    classify = transformers.pipeline('image-classification', model=repo)
+    samples = json.loads((samples_dir() / 'samples.json').read_text())
+    agree = None
+    if samples.get('model') == entry['model']:
+        # the pipeline turns paths and PIL images into RGB; a 1-channel model needs the pixels as an array
+        gray = entry['input_size'][0] == 1
+        names = ref.pretrained_cfg['label_names']
+        hits = []
+        for file, info in samples['images'].items():
+            image = Image.open(samples_dir() / file)
+            pixels = np.asarray(image.convert('L'))[..., None] if gray else str(samples_dir() / file)  # (H, W, 1)
+            top = classify(pixels, top_k=1)[0]
+            hits.append(top['label'] == names[info['predicted']])
+        agree = sum(hits) / len(hits)
+    return dict(ok=same and agree in (None, 1.0), same_logits_as_timm=same, pipeline_agrees_with_ldn=agree)
+
+
+def tampered() -> None:
+    """The Hub serves altered bytes for every tag: pretrained=True / hf-hub: refuse them (ChecksumError)."""
+    import timm
+    from timm_ldn.hub import ChecksumError, load_manifest
+    for name, entry in load_manifest()['weights'].items():
+        for label, model_name in (('pretrained', name), ('hf_hub', f'hf-hub:{entry["hf_hub_id"]}')):
+            def load(model_name=model_name):
+                try:
+                    timm.create_model(model_name, pretrained=True)
+                except ChecksumError as e:
+                    return dict(ok=True, refused=str(e)[:160])
+                return dict(ok=False, error='altered weights were loaded')
+            attempt(f'tampered:{label}:{name}', load)
+
+
+def main() -> None:
+    phase, project = sys.argv[1], Path(sys.argv[2]).resolve()
+    if phase == 'isolation':
+        attempt('isolation', lambda: isolation(project))
+    elif phase in ('online', 'offline'):
+        load_every_tag(phase)
+    elif phase == 'tampered':
+        tampered()
+
+
+if __name__ == '__main__':
+    main()

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     'predict': ('timm_ldn.commands.predict', 'classify images or folders of images'),
     'export': ('timm_ldn.commands.export', 'turn a train.py checkpoint into a Hub-ready folder (+ manifest entry)'),
     'benchmark': ('timm_ldn.commands.benchmark', 'throughput / latency / memory vs timm peers'),
+    'show': ('timm_ldn.commands.show', 'pictures of what the diffusion does: receptive fields, scales, A_diff maps'),
 }
 
 

@@ -39,6 +39,9 @@ from timm.utils import CheckpointSaver, ModelEmaV3, accuracy
 
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fmnist_tensors  # noqa: E402
+
 EVAL_DIR = Path(__file__).resolve().parent
 ROOT = EVAL_DIR.parent
 DEFAULT_RECIPE = EVAL_DIR / 'recipes' / 'fmnist.yaml'
@@ -51,6 +54,9 @@ RESULTS_DIR = EVAL_DIR / 'results'
 BASELINES: Dict[str, Dict[str, Any]] = {
     'vit_nano_patch4_28': dict(
         entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.),
+    # same-params CNN: timm's ResNet-10-T (deep tiered stem, avg-down) narrowed to 0.31 M params; output stride 8
+    # keeps a 4x4 map in the last stage instead of 1x1 (28 px input), 0.0104 GMACs
+    'resnet_nano_28': dict(entry='resnet10t', channels=(32, 48, 64, 96), output_stride=8),
 }
 
 
@@ -59,9 +65,13 @@ def load_recipe(path: Path) -> Dict[str, Any]:
         return yaml.safe_load(f)
 
 
-def build_model(name: str, recipe: Dict[str, Any]) -> nn.Module:
-    """The LDN variant (registered in timm_ldn) or a baseline from ``BASELINES``, both through timm.create_model."""
+def build_model(name: str, recipe: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The LDN variant (registered in timm_ldn) or a baseline from ``BASELINES``, both through timm.create_model.
+
+    ``model_kwargs`` override architecture arguments (the block-study rows, e.g. ``mlp_dwconv=True``).
+    """
     common = dict(num_classes=recipe['num_classes'], in_chans=recipe['in_chans'], drop_path_rate=recipe['drop_path'])
+    common.update(model_kwargs or {})
     if name in BASELINES:
         cfg = dict(BASELINES[name])
         model = timm.create_model(cfg.pop('entry'), pretrained=False, **cfg, **common)
@@ -89,6 +99,7 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
 
 
 def make_loader(recipe: Dict[str, Any], split: str, training: bool, batch_size: int) -> torch.utils.data.DataLoader:
+    """timm's own input pipeline on the ImageFolder tree (what train.py runs; slow: PIL per sample)."""
     root = Path(recipe['data_dir'])
     if not root.is_absolute():
         root = ROOT / root
@@ -107,6 +118,23 @@ def make_loader(recipe: Dict[str, Any], split: str, training: bool, batch_size: 
             scale=tuple(recipe['scale']), ratio=tuple(recipe['ratio']), hflip=recipe['hflip'], vflip=recipe['vflip'],
             color_jitter=recipe['color_jitter'], re_prob=recipe['reprob'], re_mode=recipe['remode'])
     return create_loader(ds, **kw)
+
+
+PIPELINES = ('memory', 'timm')
+_SPLIT_CACHE: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def make_batches(recipe: Dict[str, Any], split: str, training: bool, batch_size: int, pipeline: str = 'memory',
+                 seed: int = 0):
+    """The split as batches: ``'memory'`` (uint8 tensors, batched torch augmentation) or ``'timm'`` (make_loader)."""
+    if pipeline == 'timm':
+        return make_loader(recipe, split, training, batch_size)
+    if pipeline != 'memory':
+        raise ValueError(f'unknown pipeline {pipeline!r}, use one of {PIPELINES}.')
+    if split not in _SPLIT_CACHE:
+        _SPLIT_CACHE[split] = fmnist_tensors.load_split_tensors(split)
+    images, labels = _SPLIT_CACHE[split]
+    return fmnist_tensors.TensorBatches(images, labels, batch_size, recipe, training, seed=seed)
 
 
 @torch.no_grad()
@@ -149,14 +177,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     run_dir = RUNS_DIR / (args.experiment or args.model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.model, recipe)
+    model = build_model(args.model, recipe, args.model_kwargs)
     input_size = tuple(recipe['input_size'])
     params = sum(p.numel() for p in model.parameters())
     gmacs = count_macs(model, input_size)
     print(f'{args.model}: {params / 1e6:.3f} M params, {gmacs:.4f} GMACs @ {input_size}', flush=True)
 
-    train_loader = make_loader(recipe, recipe['train_split'], True, recipe['batch_size'])
-    val_loader = make_loader(recipe, recipe['val_split'], False, recipe['validation_batch_size'])
+    train_loader = make_batches(
+        recipe, recipe['train_split'], True, recipe['batch_size'], args.pipeline, seed=recipe['seed'])
+    val_loader = make_batches(recipe, recipe['val_split'], False, recipe['validation_batch_size'], args.pipeline)
     updates_per_epoch = len(train_loader)
 
     optimizer = create_optimizer_v2(
@@ -198,23 +227,17 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     train_time = sum(float(r['train_s']) for r in rows)
     for epoch in range(start_epoch, num_epochs):
         model.train()
+        if hasattr(train_loader, 'set_epoch'):  # resumed runs see the same shuffle/augmentation per epoch
+            train_loader.set_epoch(epoch)
         t0 = time.perf_counter()
         n, loss_sum, correct = 0, 0., 0
         for i, (x, y) in enumerate(train_loader):
             if args.max_batches and i >= args.max_batches:
                 break
-            with amp_ctx():
-                out = model(x)
-                loss = loss_fn(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe['clip_grad']:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe['clip_grad'])
-            optimizer.step()
+            loss, out = train_step(
+                model, x, y, optimizer, loss_fn, amp_ctx, recipe['clip_grad'], model_ema, num_updates + 1)
             num_updates += 1
             scheduler.step_update(num_updates=num_updates)
-            if model_ema is not None:
-                model_ema.update(model, step=num_updates)
             n += len(y)
             loss_sum += loss.item() * len(y)
             correct += (out.argmax(-1) == y).sum().item()
@@ -256,13 +279,16 @@ def final_test(
     row = next(r for r in rows if int(r['epoch']) == ep)
     use_ema = 'state_dict_ema' in best and row['val_ema_top1'] != '' and \
         float(row['val_ema_top1']) >= float(row['val_top1'])
-    model = build_model(args.model, recipe)
+    model = build_model(args.model, recipe, args.model_kwargs)
     model.load_state_dict(best['state_dict_ema' if use_ema else 'state_dict'])
     torch.save(model.state_dict(), run_dir / 'best_weights.pth')
-    test = evaluate(model, make_loader(recipe, 'test', False, recipe['validation_batch_size']), args.max_batches)
+    test = evaluate(
+        model, make_batches(recipe, 'test', False, recipe['validation_batch_size'], args.pipeline), args.max_batches)
     summary = dict(
         model=args.model, architecture=BASELINES.get(args.model, {}).get('entry', args.model),
         arch_overrides={k: v for k, v in BASELINES.get(args.model, {}).items() if k != 'entry'},
+        model_kwargs=args.model_kwargs, experiment=args.experiment or args.model, seed=recipe['seed'],
+        pipeline=args.pipeline,
         params=params, gmacs=gmacs, epochs=len(rows), best_epoch=ep + 1, weights='ema' if use_ema else 'raw',
         val_top1=float(row['val_ema_top1'] if use_ema else row['val_top1']),
         test_top1=test['top1'], test_top5=test['top5'],
@@ -377,49 +403,90 @@ def summarize(names: List[str]) -> None:
     print(json.dumps(out, indent=2))
 
 
-def bench(names: List[str], threads: int, steps: int = 8, rounds: int = 3) -> Dict[str, Any]:
-    """Training-step throughput of several models in one process, interleaved so they share the CPU's state.
+def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20, rounds: int = 5) -> Dict[str, Any]:
+    """End-to-end training throughput (input pipeline + step) of models × input pipelines, in one process.
 
-    Same step as ``train`` (recipe batch size, bf16 autocast, label smoothing, clip, AdamW, EMA) on one fixed
-    augmented batch; reports the best of ``rounds`` (the least disturbed by other processes) per model.
+    Every (model, pipeline) pair runs ``steps`` real training steps per round (same step as ``train``: recipe
+    batch, bf16 autocast, label smoothing, clip, AdamW, EMA) on the real training split, the pairs alternating
+    within each round so they share the machine's state; reports the median img/s per pair and the medians of
+    per-round ratios (this machine is shared and noisy).
     """
+    import statistics
     recipe = load_recipe(DEFAULT_RECIPE)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    x = torch.randn(recipe['batch_size'], *recipe['input_size'])
-    y = torch.randint(0, recipe['num_classes'], (recipe['batch_size'],))
     loss_fn = LabelSmoothingCrossEntropy(smoothing=recipe['smoothing'])
+    amp_ctx = partial(torch.autocast, 'cpu', dtype=getattr(torch, recipe.get('amp_dtype', 'bfloat16')),
+                      enabled=bool(recipe.get('amp')))
     state = {}
     for name in names:
-        model = build_model(name, recipe).train()
-        opt = create_optimizer_v2(model, opt=recipe['opt'], lr=recipe['lr'], weight_decay=recipe['weight_decay'])
-        state[name] = (model, opt, ModelEmaV3(model, decay=recipe['model_ema_decay']))
+        for pipeline in pipelines:
+            model = build_model(name, recipe).train()
+            opt = create_optimizer_v2(model, opt=recipe['opt'], lr=recipe['lr'], weight_decay=recipe['weight_decay'])
+            batches = make_batches(recipe, recipe['train_split'], True, recipe['batch_size'], pipeline)
+            state[(name, pipeline)] = (model, opt, ModelEmaV3(model, decay=recipe['model_ema_decay']), iter(batches))
 
-    def run(name: str, n: int) -> float:
-        model, opt, ema = state[name]
+    def run(key: Tuple[str, str], n: int) -> float:
+        model, opt, ema, it = state[key]
+        seen = 0
         t0 = time.perf_counter()
         for _ in range(n):
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bool(recipe.get('amp'))):
-                loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), recipe['clip_grad'])
-            opt.step()
-            ema.update(model)
-        return n * len(y) / (time.perf_counter() - t0)
+            x, y = next(it)
+            train_step(model, x, y, opt, loss_fn, amp_ctx, recipe['clip_grad'], ema)
+            seen += len(y)
+        return seen / (time.perf_counter() - t0)
 
-    for name in names:
-        run(name, 2)  # warm-up: allocator, oneDNN primitives
-    best = {name: 0. for name in names}
+    for key in state:
+        run(key, 3)  # warm-up: workers started, allocator and oneDNN primitives ready
+    per_round = {key: [] for key in state}
     for _ in range(rounds):
-        for name in names:
-            best[name] = max(best[name], run(name, steps))
+        for key in state:
+            per_round[key].append(run(key, steps))
+
+    def median_ratio(a: Tuple[str, str], b: Tuple[str, str]) -> float:
+        return statistics.median(x / y for x, y in zip(per_round[a], per_round[b]))
+
     import subprocess
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout
-    # the model code can be newer than the training runs' (speed work lands continuously): record which was timed
-    out = dict(commit=commit.strip(), threads=threads, batch_size=len(y), steps=steps, rounds=rounds, img_s=best,
-               ratio=best[names[0]] / best[names[1]] if len(names) > 1 else None)
-    print(json.dumps(out, indent=2))
+    out = dict(
+        commit=commit.strip(), threads=threads, batch_size=recipe['batch_size'], workers=recipe['workers'],
+        steps=steps, rounds=rounds,
+        img_s={f'{n}/{p}': statistics.median(v) for (n, p), v in per_round.items()},
+        img_s_per_round={f'{n}/{p}': v for (n, p), v in per_round.items()})
+    if len(pipelines) > 1:  # speed-up of the first pipeline over the second, per model
+        out['pipeline_speedup'] = {
+            n: median_ratio((n, pipelines[0]), (n, pipelines[1])) for n in names}
+    if len(names) > 1:  # first model over second, per pipeline
+        out['model_ratio'] = {p: median_ratio((names[0], p), (names[1], p)) for p in pipelines}
+    print(json.dumps({k: v for k, v in out.items() if k != 'img_s_per_round'}, indent=2))
+    return out
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               loss_fn: nn.Module, amp_ctx, clip_grad: float, model_ema: Optional[ModelEmaV3] = None,
+               num_updates: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step as train.py does it (autocast forward, backward, clip, step, EMA); (loss, logits)."""
+    with amp_ctx():
+        out = model(x)
+        loss = loss_fn(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    if model_ema is not None:
+        model_ema.update(model, step=num_updates)
+    return loss, out
+
+
+def parse_model_kwargs(items: List[str]) -> Dict[str, Any]:
+    """``['mlp_dwconv=true', 'diffusion_offsets=[1, 2]']`` -> ``{'mlp_dwconv': True, 'diffusion_offsets': [1, 2]}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise SystemExit(f'--model-kwargs: expected KEY=VALUE, got {item!r}.')
+        out[key] = yaml.safe_load(value)
     return out
 
 
@@ -435,18 +502,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--lr', type=float, default=None)
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--workers', type=int, default=None)
-    p.add_argument('--threads', type=int, default=2, help='torch intra-op threads (2 cores are shared)')
+    p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch intra-op threads (default: all cores)')
+    p.add_argument('--pipeline', choices=PIPELINES, default='memory',
+                   help="input path: 'memory' (uint8 tensors, batched torch augmentation) or 'timm' (ImageFolder + "
+                        "timm's create_loader, as train.py)")
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='architecture overrides, values parsed as YAML (e.g. mlp_dwconv=true tau_init=-4)')
     p.add_argument('--max-batches', type=int, default=0, help='smoke test: stop each epoch after N batches')
     p.add_argument('--log-interval', type=int, default=50)
     p.add_argument('--summarize', nargs='+', metavar='RUN', help='write fmnist_results.{json,csv} + curves')
     p.add_argument('--bench', nargs='+', metavar='MODEL',
-                   help='interleaved training-step throughput of these models in one process')
+                   help='end-to-end training throughput of these models in one process, alternating (see --bench-pipelines)')
+    p.add_argument('--bench-pipelines', nargs='+', choices=PIPELINES, default=list(PIPELINES))
     args = p.parse_args(argv)
+    args.model_kwargs = parse_model_kwargs(args.model_kwargs)
     if args.summarize:
         summarize(args.summarize)
         return 0
     if args.bench:
-        res = bench(args.bench, args.threads)
+        res = bench(args.bench, args.bench_pipelines, args.threads)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         with open(RESULTS_DIR / 'fmnist_bench.json', 'w') as f:
             json.dump(res, f, indent=2)

@@ -163,3 +163,68 @@ def test_pretrained_true_works_offline_from_the_shipped_copy(tmp_path):
     shipped = load_file(str(Path(timm_ldn.__file__).parents[1] / 'weights' / 'ldn_nano_patch4_28.fmnist' / 'model.safetensors'))
     for k, v in shipped.items():
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
+
+
+# --- the in-memory training input path (eval/fmnist_tensors.py) ------------------------------------------------
+
+import fmnist_tensors  # noqa: E402
+
+RECIPE_AUG = dict(mean=(0.2859,), std=(0.3529,), scale=(0.75, 1.0), ratio=(0.8, 1.25), hflip=0.5, reprob=0.1,
+                  remode='pixel', vflip=0.0, color_jitter=0.0)
+
+
+def test_crop_flip_is_exact_at_full_scale():
+    x = torch.rand(4, 1, 28, 28) * 255
+    same = fmnist_tensors.random_resized_crop_flip(x, (1., 1.), (1., 1.), hflip=0.)
+    flipped = fmnist_tensors.random_resized_crop_flip(x, (1., 1.), (1., 1.), hflip=1.)
+    torch.testing.assert_close(same, x, rtol=0, atol=1e-3)
+    torch.testing.assert_close(flipped, x.flip(-1), rtol=0, atol=1e-3)
+
+
+def test_random_crop_zooms_in():
+    """A crop of a quarter of the area magnifies: a centred dot grows, and nothing comes from outside the image."""
+    x = torch.zeros(64, 1, 28, 28)
+    x[..., 13:15, 13:15] = 255.
+    out = fmnist_tensors.random_resized_crop_flip(x, (0.25, 0.25), (1., 1.), hflip=0.)
+    assert (out.sum((1, 2, 3)) > x.sum((1, 2, 3)) * 2).float().mean() > 0.5
+    assert out.min() >= 0 and out.max() <= 255 + 1e-3
+
+
+def test_random_erasing_rate_and_area():
+    g = torch.Generator().manual_seed(0)
+    out = fmnist_tensors.random_erase_pixels(torch.zeros(2000, 1, 28, 28), 0.25, generator=g)
+    erased = (out != 0).flatten(1).float().mean(1)
+    assert abs((erased > 0).float().mean().item() - 0.25) < 0.04
+    assert 0.02 * 0.5 < erased[erased > 0].min() and erased.max() <= 1 / 3 + 0.05
+
+
+def test_tensor_batches_epochs_are_reproducible_and_cover_the_split():
+    images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(300) % 10
+    batches = fmnist_tensors.TensorBatches(images, labels, 64, RECIPE_AUG, training=True, seed=3)
+    assert len(batches) == 4  # the partial batch is dropped when training
+    batches.set_epoch(2)
+    first = [y for _, y in batches]
+    batches.set_epoch(0)
+    list(batches)
+    batches.set_epoch(2)  # same epoch -> same shuffle and augmentation, whatever ran before (resume)
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in batches]))
+    ordered = fmnist_tensors.TensorBatches(images, labels, 64, RECIPE_AUG, training=False)
+    xs, ys = zip(*ordered)
+    assert len(ordered) == 5 and torch.equal(torch.cat(ys), labels)
+    # eval path = normalisation only
+    torch.testing.assert_close(torch.cat(xs), (images.float() / 255 - 0.2859) / 0.3529)
+
+
+def test_tensor_batches_refuse_augmentations_they_do_not_implement():
+    with pytest.raises(ValueError, match='--pipeline timm'):
+        fmnist_tensors.TensorBatches(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4), 2,
+                                     dict(RECIPE_AUG, vflip=0.5), training=True)
+
+
+@pytest.mark.skipif(not fmnist_data.DEFAULT_SRC.is_dir(), reason='dataset-fashion-mnist not installed')
+def test_in_memory_splits_match_the_imagefolder_splits():
+    sizes = {s: len(fmnist_tensors.load_split_tensors(s)[1]) for s in fmnist_tensors.SPLITS}
+    assert sizes == {'train': 55000, 'validation': 5000, 'test': 10000}
+    _, val_labels = fmnist_tensors.load_split_tensors('validation')
+    assert torch.bincount(val_labels).tolist() == [500] * 10  # the stratified hold-out of fmnist_data.py

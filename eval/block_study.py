@@ -1,0 +1,231 @@
+"""Fashion-MNIST block study (issue 9): every LDN block variant and both baselines under one recipe.
+
+Each row is one ``eval/train_fmnist.py`` run (recipe ``eval/recipes/fmnist.yaml``, same augmentation, optimiser,
+schedule and EMA for every row; only the architecture differs). Model selection uses the validation split only;
+the test split is touched once per run, at its end, by ``train_fmnist.final_test``.
+
+    python eval/block_study.py run --stage screen            # short proxy schedule, one seed, all rows
+    python eval/block_study.py run --stage final --rows ldn_adopted vit resnet --seeds 0 1 2
+    python eval/block_study.py report                        # table (csv/json/md), curves, top-1 vs MACs plot
+
+``run`` skips finished runs and resumes unfinished ones from their last checkpoint (``--resume``), so killing it
+loses no finished epoch; ``--jobs`` runs that many trainings at once (1 thread each: on 2 shared cores two
+single-threaded runs beat one two-threaded run). ``--snapshot`` copies each unfinished run's last checkpoint and
+log to ``eval/checkpoints/`` (small, committed) so another machine can continue with ``run`` after ``restore``.
+"""
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+EVAL_DIR = Path(__file__).resolve().parent
+ROOT = EVAL_DIR.parent
+RUNS_DIR = EVAL_DIR / 'runs'
+RESULTS_DIR = EVAL_DIR / 'results'
+SNAPSHOT_DIR = EVAL_DIR / 'checkpoints'
+STUDY_DIR = RESULTS_DIR / 'block_study'
+
+LDN = 'ldn_nano_patch4_28'
+# row -> (model, architecture overrides, what the row measures). Overrides are LinearDiffusionNet arguments.
+ROWS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
+    'ldn_base': (LDN, {}, "today's block: K on the stream, elu+1 A_diff, MLP F, patch stem, dt at 27% of the bound"),
+    'ldn_dwconv': (LDN, {'mlp_dwconv': True}, 'F with a 3x3 depthwise conv on the hidden layer'),
+    'ldn_overlap_stem': (LDN, {'stem_type': 'overlap'}, 'overlapping conv stem (two 3x3 stride-2 convs)'),
+    'ldn_dt_small_init': (LDN, {'tau_init': -6.}, 'dt starts near 0 (0.25% of the bound) instead of 27%'),
+    'ldn_dt_input': (LDN, {'dt_mode': 'input'}, 'input-dependent dt (tau + pooled projection)'),
+    'ldn_k_branch': (LDN, {'diffusion_form': 'branch'}, 'primary diffusion as a pre-norm branch H + dt*K(LN(H))'),
+    'ldn_phi_relu': (LDN, {'attn_feature_map': 'relu'}, 'A_diff with phi = relu + 1e-3'),
+    'ldn_phi_softplus': (LDN, {'attn_feature_map': 'softplus'}, 'A_diff with phi = softplus'),
+    'ldn_softmax': (LDN, {'attn_kernel': 'softmax'}, 'A_diff with the exact softmax kernel (quadratic)'),
+    'ldn_no_adiff': (LDN, {'attn_kernel': 'none'}, 'ablation: A_diff removed'),
+    'ldn_no_k': (LDN, {'diffusion_form': 'none'}, 'ablation: primary diffusion K removed'),
+    'vit': ('vit_nano_patch4_28', {}, 'baseline: timm ViT, same patch/width/depth/heads'),
+    'resnet': ('resnet_nano_28', {}, 'baseline: timm ResNet-10-T narrowed to the same params'),
+}
+# schedules: the short screening proxy and the convergence run (epochs override the recipe's)
+STAGES = {'screen': 5, 'final': 40}
+
+
+def experiment_name(stage: str, row: str, seed: int) -> str:
+    return f'{stage}_{row}_s{seed}'
+
+
+def _result_path(exp: str) -> Path:
+    return RESULTS_DIR / f'fmnist_{exp}.json'
+
+
+def _command(stage: str, row: str, seed: int, epochs: int) -> List[str]:
+    model, overrides, _ = ROWS[row]
+    cmd = [sys.executable, str(EVAL_DIR / 'train_fmnist.py'), '--model', model, '--experiment',
+           experiment_name(stage, row, seed), '--seed', str(seed), '--epochs', str(epochs), '--threads', '1',
+           '--resume', '--log-interval', '0']
+    if overrides:
+        cmd += ['--model-kwargs'] + [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
+    return cmd
+
+
+def run(stage: str, rows: List[str], seeds: List[int], jobs: int, epochs: Optional[int], snapshot: bool) -> int:
+    """Train every (row, seed) without a result yet, ``jobs`` at a time; resumes unfinished runs."""
+    epochs = epochs or STAGES[stage]
+    todo = [(r, s) for s in seeds for r in rows if not _result_path(experiment_name(stage, r, s)).is_file()]
+    print(f'{stage}: {len(todo)} runs to do ({epochs} epochs each)', flush=True)
+    running: List[Tuple[subprocess.Popen, str]] = []
+    failures = 0
+    while todo or running:
+        while todo and len(running) < jobs:
+            row, seed = todo.pop(0)
+            exp = experiment_name(stage, row, seed)
+            (RUNS_DIR / exp).mkdir(parents=True, exist_ok=True)
+            log = open(RUNS_DIR / exp / 'stdout.log', 'a')
+            running.append((subprocess.Popen(_command(stage, row, seed, epochs), stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=ROOT), exp))
+            print(f'started {exp}', flush=True)
+        time.sleep(10)
+        for proc, exp in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, exp))
+                ok = proc.returncode == 0 and _result_path(exp).is_file()
+                failures += not ok
+                print(f'{"finished" if ok else "FAILED"} {exp} (rc={proc.returncode})', flush=True)
+        if snapshot:
+            save_snapshots([exp for _, exp in running])
+    return 1 if failures else 0
+
+
+def save_snapshots(experiments: List[str]) -> None:
+    """Copy unfinished runs' last checkpoint + log to eval/checkpoints/<exp>/ (committed; see restore)."""
+    for exp in experiments:
+        src = RUNS_DIR / exp
+        if not (src / 'last.pth.tar').is_file():
+            continue
+        dst = SNAPSHOT_DIR / exp
+        dst.mkdir(parents=True, exist_ok=True)
+        for name, target in (('last.pth.tar', 'last.ckpt'), ('log.csv', 'log.csv'), ('model_best.pth.tar', 'best.ckpt')):
+            if (src / name).is_file() and (not (dst / target).is_file()
+                                           or (src / name).stat().st_mtime > (dst / target).stat().st_mtime):
+                shutil.copy2(src / name, dst / target)
+
+
+def restore() -> None:
+    """Put committed snapshots back where ``train_fmnist.py --resume`` looks (skips runs that are further along)."""
+    for dst in sorted(SNAPSHOT_DIR.glob('*/last.ckpt')):
+        exp = dst.parent.name
+        run_dir = RUNS_DIR / exp
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for target, name in (('last.ckpt', 'last.pth.tar'), ('log.csv', 'log.csv'), ('best.ckpt', 'model_best.pth.tar')):
+            src = dst.parent / target
+            if src.is_file() and not (run_dir / name).is_file():
+                shutil.copy2(src, run_dir / name)
+        print(f'restored {exp}')
+
+
+def _curve(exp: str) -> List[Dict[str, str]]:
+    path = RUNS_DIR / exp / 'log.csv'
+    if not path.is_file():
+        path = SNAPSHOT_DIR / exp / 'log.csv'
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def report() -> Dict[str, Any]:
+    """Table of every finished run (csv/json/md), learning curves and test top-1 vs MACs."""
+    import statistics
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    STUDY_DIR.mkdir(parents=True, exist_ok=True)
+    table = []
+    for stage in STAGES:
+        for row, (model, overrides, what) in ROWS.items():
+            runs = sorted(RESULTS_DIR.glob(f'fmnist_{stage}_{row}_s*.json'))
+            if not runs:
+                continue
+            res = [json.loads(p.read_text()) for p in runs]
+            top1 = [r['test_top1'] for r in res]
+            table.append(dict(
+                stage=stage, row=row, model=model, overrides=overrides, what=what, seeds=[r['seed'] for r in res],
+                epochs=res[0]['epochs'], params=res[0]['params'], gmacs=res[0]['gmacs'],
+                val_top1=statistics.mean(r['val_top1'] for r in res),
+                test_top1=statistics.mean(top1), test_top1_runs=top1,
+                test_top1_spread=max(top1) - min(top1),
+                train_img_s=statistics.mean(r['train_img_s'] for r in res),
+                experiments=[r['experiment'] for r in res]))
+    with open(STUDY_DIR / 'block_study.json', 'w') as f:
+        json.dump(table, f, indent=2)
+    keys = ['stage', 'row', 'model', 'epochs', 'seeds', 'params', 'gmacs', 'train_img_s', 'val_top1', 'test_top1',
+            'test_top1_spread', 'what']
+    with open(STUDY_DIR / 'block_study.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for t in table:
+            w.writerow({k: t[k] for k in keys})
+    lines = ['| stage | row | params | MMACs | train img/s (1 thread) | val top-1 | test top-1 (seeds) | what |',
+             '|---|---|---|---|---|---|---|---|']
+    for t in table:
+        seeds = f" ({len(t['seeds'])} seeds, spread {t['test_top1_spread']:.2f})" if len(t['seeds']) > 1 else ''
+        lines.append(f"| {t['stage']} {t['epochs']} ep | {t['row']} | {t['params'] / 1e3:.0f} k | {t['gmacs'] * 1e3:.1f} | "
+                     f"{t['train_img_s']:.0f} | {t['val_top1']:.2f} | {t['test_top1']:.2f}{seeds} | {t['what']} |")
+    (STUDY_DIR / 'block_study.md').write_text(
+        '# Fashion-MNIST block study\n\nGenerated by `python eval/block_study.py report` from '
+        '`eval/results/fmnist_<stage>_<row>_s<seed>.json`. Recipe `eval/recipes/fmnist.yaml` for every row; '
+        'img/s are single-thread training throughput while other jobs shared the 2 cores (compare within a stage '
+        'only roughly; `train_fmnist.py --bench` gives controlled ratios).\n\n' + '\n'.join(lines) + '\n')
+
+    fig, axes = plt.subplots(1, len(STAGES), figsize=(6 * len(STAGES), 4.5), squeeze=False)
+    for ax, stage in zip(axes[0], STAGES):
+        for t in (t for t in table if t['stage'] == stage):
+            curve = _curve(t['experiments'][0])
+            if curve:
+                ax.plot([int(r['epoch']) + 1 for r in curve],
+                        [max(float(r['val_top1']), float(r['val_ema_top1'] or 0)) for r in curve], label=t['row'])
+        ax.set(title=f'{stage}: validation top-1 (best of raw/EMA), seed {0}', xlabel='epoch', ylabel='top-1 (%)')
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(STUDY_DIR / 'block_study_curves.png', dpi=110)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for t in table:
+        marker = 'o' if t['model'].startswith('ldn') else 's'
+        ax.scatter(t['gmacs'] * 1e3, t['test_top1'], marker=marker, alpha=.8 if t['stage'] == 'final' else .4)
+        ax.annotate(f"{t['row']} ({t['stage']})", (t['gmacs'] * 1e3, t['test_top1']), fontsize=6,
+                    xytext=(3, 2), textcoords='offset points')
+    ax.set(xlabel='MMACs per 28x28 image', ylabel='test top-1 (%)', title='Fashion-MNIST: test top-1 vs MACs')
+    ax.grid(alpha=.3)
+    fig.tight_layout()
+    fig.savefig(STUDY_DIR / 'block_study_top1_vs_macs.png', dpi=110)
+    print((STUDY_DIR / 'block_study.md').read_text())
+    return dict(rows=table)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    r = sub.add_parser('run', help='train the missing runs of a stage')
+    r.add_argument('--stage', choices=list(STAGES), default='screen')
+    r.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
+    r.add_argument('--seeds', nargs='+', type=int, default=[0])
+    r.add_argument('--jobs', type=int, default=2)
+    r.add_argument('--epochs', type=int, default=None, help="override the stage's schedule")
+    r.add_argument('--snapshot', action='store_true', help='keep eval/checkpoints/ up to date while running')
+    sub.add_parser('report', help='write the study table and plots from the finished runs')
+    sub.add_parser('restore', help='copy committed snapshots back into eval/runs/ for --resume')
+    args = p.parse_args(argv)
+    if args.cmd == 'run':
+        return run(args.stage, args.rows, args.seeds, args.jobs, args.epochs, args.snapshot)
+    if args.cmd == 'restore':
+        restore()
+        return 0
+    report()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -188,7 +188,8 @@ def user_env(venv: Path, hf_home: Path, endpoint: Optional[str]) -> Dict[str, st
 
 
 def client(phase: str, venv: Path, cwd: Path, env: Dict[str, str], project: Path) -> Dict[str, dict]:
-    proc = run([venv / 'bin' / 'python', cwd / 'release_client.py', phase, project], cwd=cwd, env=env)
+    proc = run([venv / 'bin' / 'python', cwd / 'release_client.py', phase, project, cwd / 'expected_manifest.json'],
+               cwd=cwd, env=env)
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith('{"check"'):
@@ -262,6 +263,7 @@ def main() -> int:
         outside = work / 'outside'
         outside.mkdir()
         shutil.copy(HERE / 'release_client.py', outside)  # run from outside: the checkout never reaches sys.path
+        shutil.copy(project / 'weights' / 'manifest.json', outside / 'expected_manifest.json')  # tags that must load
         offline_env = user_env(venv, work / 'hf_home', None)
         client('isolation', venv, outside, offline_env, project)
 
@@ -291,12 +293,14 @@ def main() -> int:
             client('tampered', venv, outside, user_env(venv, work / 'hf_home_tampered', hub.endpoint), project)
 
         # an altered copy of the weights shipped in the wheel is refused too
-        installed = run([venv / 'bin' / 'python', '-c', 'import timm_ldn.hub as h; print(h.weights_dir())'],
+        installed = run([venv / 'bin' / 'python', '-c', 'import timm_ldn; print(timm_ldn.__file__)'],
                         cwd=outside, env=offline_env).stdout.strip()
         for name, entry in manifest_of(project)['weights'].items():
             if not entry.get('local_file'):
                 continue
-            shipped = Path(installed) / entry['local_file']
+            shipped = Path(installed).parent / 'weights' / entry['local_file']
+            if not check(f'shipped copy of {name} installed', shipped.is_file(), str(shipped)):
+                continue
             original = shipped.read_bytes()
             shipped.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
             try:

@@ -3,7 +3,10 @@
 The release check copies this file out of the checkout and runs it from a folder outside it, so nothing of the
 checkout is importable. Prints one JSON line per check: {"check": name, "ok": bool, ...}.
 
-usage: python release_client.py isolation|online|offline|tampered PROJECT_DIR
+usage: python release_client.py isolation|online|offline|tampered PROJECT_DIR EXPECTED_MANIFEST
+
+EXPECTED_MANIFEST is a copy of the checkout's weights/manifest.json: its tags are the ones that must load; the
+installed package must find its own manifest (a tag it does not know is refused, and that fails the check).
 """
 import importlib.metadata
 import json
@@ -59,12 +62,11 @@ def _probe_matches(model, entry: dict) -> bool:
             and torch.allclose(top.values, torch.tensor([v for _, v in want]), atol=1e-4))
 
 
-def load_every_tag(phase: str) -> None:
+def load_every_tag(phase: str, expected: dict) -> None:
     """pretrained=True and hf-hub: for every manifest tag; the loaded file must be the Hub download in HF_HOME."""
     import timm
-    from timm_ldn.hub import load_manifest
     hf_home = Path(os.environ['HF_HOME']).resolve()
-    for name, entry in load_manifest()['weights'].items():
+    for name, entry in expected['weights'].items():
         for label, model_name in (('pretrained', name), ('hf_hub', f'hf-hub:{entry["hf_hub_id"]}')):
             def load(model_name=model_name, entry=entry):
                 model = timm.create_model(model_name, pretrained=True)
@@ -111,11 +113,11 @@ def transformers_loads(entry: dict) -> dict:
     return dict(ok=same and agree in (None, 1.0), same_logits_as_timm=same, pipeline_agrees_with_ldn=agree)
 
 
-def tampered() -> None:
+def tampered(expected: dict) -> None:
     """The Hub serves altered bytes for every tag: pretrained=True / hf-hub: refuse them (ChecksumError)."""
     import timm
-    from timm_ldn.hub import ChecksumError, load_manifest
-    for name, entry in load_manifest()['weights'].items():
+    from timm_ldn.hub import ChecksumError
+    for name, entry in expected['weights'].items():
         for label, model_name in (('pretrained', name), ('hf_hub', f'hf-hub:{entry["hf_hub_id"]}')):
             def load(model_name=model_name):
                 try:
@@ -128,12 +130,13 @@ def tampered() -> None:
 
 def main() -> None:
     phase, project = sys.argv[1], Path(sys.argv[2]).resolve()
+    expected = json.loads(Path(sys.argv[3]).read_text(encoding='utf-8'))
     if phase == 'isolation':
         attempt('isolation', lambda: isolation(project))
     elif phase in ('online', 'offline'):
-        load_every_tag(phase)
+        load_every_tag(phase, expected)
     elif phase == 'tampered':
-        tampered()
+        tampered(expected)
 
 
 if __name__ == '__main__':

@@ -115,9 +115,9 @@ def _display(images: torch.Tensor, data_cfg: Dict[str, Any]) -> torch.Tensor:
 
 def _show_image(ax, pixels: torch.Tensor) -> None:
     if pixels.shape[-1] == 1:
-        ax.imshow(pixels[..., 0].numpy(), cmap='gray', vmin=0, vmax=1)
+        ax.imshow(pixels[..., 0].numpy(), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
     else:
-        ax.imshow(pixels.numpy())
+        ax.imshow(pixels.numpy(), interpolation='nearest')
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -154,14 +154,15 @@ def plot_erf(maps: List[Tuple[str, Any]], curves: List[Dict[str, Any]], path: Pa
     plt = _plt()
     depth = max(erf.pixel_maps.shape[0] for _, erf in maps)
     cols = list(range(depth)) if depth <= 8 else list(range(1, depth, 2))  # depths drawn (0-based)
-    fig = plt.figure(figsize=(1.3 * len(cols) + 4.6, 1.35 * len(maps) + 0.6), dpi=90)
+    fig = plt.figure(figsize=(1.3 * len(cols) + 4.6, 1.35 * len(maps) + 0.6), dpi=80)
     grid = fig.add_gridspec(len(maps), len(cols) + 1, width_ratios=[1] * len(cols) + [3.4], wspace=0.08)
     for i, (short, erf) in enumerate(maps):
         for j, d in enumerate(cols):
             ax = fig.add_subplot(grid[i, j])
             if d < erf.pixel_maps.shape[0]:
                 m = erf.pixel_maps[d] / erf.pixel_maps[d].max().clamp_min(1e-30)
-                ax.imshow(m.clamp_min(ERF_LOG_FLOOR).numpy(), norm=LogNorm(ERF_LOG_FLOOR, 1.), cmap='magma')
+                ax.imshow(m.clamp_min(ERF_LOG_FLOOR).numpy(), norm=LogNorm(ERF_LOG_FLOOR, 1.), cmap='magma',
+                          interpolation='nearest')
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

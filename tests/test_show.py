@@ -98,7 +98,7 @@ def test_attention_rows_sum_to_one_and_match_the_dense_reference(model, layer):
 
 
 def test_attention_rows_refuse_a_kernel_they_do_not_match(model, monkeypatch):
-    monkeypatch.setattr(V, 'positive_feature_map', lambda t: torch.relu(t) + 1e-3)  # another φ
+    monkeypatch.setattr(V, 'attention_feature_map', lambda attn: lambda t: torch.relu(t) + 1e-3)  # another φ
     with pytest.raises(RuntimeError, match='attention kernel changed'):
         V.attention_rows(model, torch.randn(1, 1, 16, 16), 0, 5)
 
@@ -191,3 +191,31 @@ def test_cli_unreadable_image(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert f'Cannot read image {broken}' in err and 'remove it from --images' in err
+
+
+def test_block_options_pre_norm_branch_dwconv_overlap_stem_and_phi():
+    """The pictures read the block's options (issue 9): Theorem 1 still at the diameter, A_diff rows still exact."""
+    torch.manual_seed(0)
+    m = timm.create_model(MODEL, diffusion_form='branch', mlp_dwconv=True, stem_type='overlap',
+                          attn_feature_map='softplus').eval()
+    x = torch.randn(1, 1, 28, 28)
+    erf = V.effective_receptive_field(V.diffusion_only(m).double(), x.double(), 'corners')
+    V.check_local(erf, V.diffusion_offsets(m))
+    assert erf.first_full_depth() == grid_diameter(7, 7, (1, 2))
+    rows = V.attention_rows(m, x, 2, (3, 3))  # raises if the recomputed row is not the block's own
+    torch.testing.assert_close(rows.sum((-2, -1)), torch.ones(1, 2))
+
+
+def test_block_options_input_dt_and_no_attention():
+    torch.manual_seed(0)
+    m = timm.create_model(MODEL, dt_mode='input', attn_kernel='none').eval()
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match='pass images'):
+        V.diffusion_scales(m)
+    stats = V.diffusion_scales(m, x)
+    assert len(stats['margin']) == 6 and all(0 < margin < 1 for margin in stats['margin'])
+    with pytest.raises(ValueError, match='has no A_diff'):
+        V.attention_rows(m, x, 0, 0)
+    erf = V.effective_receptive_field(V.diffusion_only(m), x[:1], 'centre')
+    with pytest.raises(ValueError, match='not local'):  # δt pools the whole grid: the curve is left out
+        V.check_local(erf, V.diffusion_offsets(m))

@@ -20,17 +20,18 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from . import diffusion as _diffusion
 from .diffusion import NEIGHBOURS_PER_SCALE, positive_feature_map
 
 __all__ = [
     'BASELINE_ARCHS', 'create_baseline', 'ReceptiveField', 'effective_receptive_field', 'diffusion_only',
     'diffusion_offsets', 'stencil_reach', 'check_local', 'diffusion_scales', 'resolve_layer', 'resolve_query',
-    'attention_rows', 'grad_cam',
+    'attention_feature_map', 'attention_rows', 'grad_cam',
 ]
 
 # Same-size ViT baselines for the small-image LDN variants: a timm vit_* entry point with its architecture
@@ -218,14 +219,16 @@ def effective_receptive_field(
 def diffusion_only(model: nn.Module) -> nn.Module:
     """A copy of an LDN whose blocks keep only the primary diffusion path (A_diff and F zeroed).
 
-    Zeroes the attention branch's layer scale ``ls1.gamma`` and the MLP's output projection ``mlp.fc2`` (and a
-    second layer scale ``ls2`` if a block has one), so both branches add exactly zero. Whether anything else in a
-    block still mixes tokens is checked afterwards by :func:`check_local`; the model itself has no switches.
+    Zeroes the attention branch's layer scale ``ls1.gamma`` (blocks without A_diff have none) and the MLP's output
+    projection ``mlp.fc2`` (and a second layer scale ``ls2`` if a block has one), so both branches add exactly zero.
+    Whether anything else in a block still mixes tokens is checked afterwards by :func:`check_local`; the model
+    itself has no switches.
     """
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         for blk in _blocks(model):
-            _require(blk, 'ls1.gamma', 'diffusion_only').zero_()
+            if _has_attention(blk):
+                _require(blk, 'ls1.gamma', 'diffusion_only').zero_()
             fc2 = _require(blk, 'mlp.fc2', 'diffusion_only')
             fc2.weight.zero_()
             if fc2.bias is not None:
@@ -275,8 +278,45 @@ def check_local(erf: ReceptiveField, offsets: Sequence[int]) -> None:
                     'still mixes tokens; extend timm_ldn.visualize.diffusion_only to zero it.')
 
 
-def diffusion_scales(model: nn.Module) -> Dict[str, Any]:
-    """Effective diffusion steps ``δt·a_s`` of every block, summarised over channels.
+def _recording(fn: Callable, record: List[torch.Tensor]) -> Callable:
+    def recorded(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        record.append(out)
+        return out
+    return recorded
+
+
+def _used_coefficients(model: nn.Module, images: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """``δt·a_s`` of every block as ``(S, samples·C)``: the parameters alone, or, when δt depends on the input
+    (``coefficients()`` then needs the token map), the per-image values the model uses on ``images``."""
+    diffusions = []
+    for blk in _blocks(model):
+        diffusion = _require(blk, 'diffusion', 'diffusion_scales')
+        _require(diffusion, 'coefficients', 'diffusion_scales')
+        diffusions.append(diffusion)
+    try:
+        with torch.no_grad():
+            coefs = [d.coefficients() for d in diffusions]
+    except (TypeError, ValueError):  # input-dependent δt: record what each block computes on the images
+        if images is None:
+            raise ValueError('This model\'s time step depends on the input: pass images to see its diffusion steps.')
+        records: List[List[torch.Tensor]] = [[] for _ in diffusions]
+        for d, rec in zip(diffusions, records):  # instance attribute shadows the method for this forward only
+            d.coefficients = _recording(d.coefficients, rec)
+        try:
+            param = next(model.parameters())
+            with torch.no_grad():
+                model.eval().forward_features(images.to(param.device, param.dtype))
+        finally:
+            for d in diffusions:
+                del d.coefficients
+        coefs = [torch.cat([c.reshape(-1, *c.shape[-2:]) for c in rec]) for rec in records]  # (B, S, C)
+    return [c.detach().double().cpu().reshape(-1, *c.shape[-2:]).transpose(0, 1).flatten(1) for c in coefs]
+
+
+def diffusion_scales(model: nn.Module, images: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """Effective diffusion steps ``δt·a_s`` of every block, summarised over channels (and images, when δt depends
+    on the input: then ``images`` are needed).
 
     Returns lists over blocks (outer) and scales (inner): ``mean``, ``p10``, ``p90``, ``max`` over channels;
     ``share``: each scale's fraction of the block's total step; per block ``step_sum_max`` / ``step_sum_mean``:
@@ -284,13 +324,7 @@ def diffusion_scales(model: nn.Module) -> Dict[str, Any]:
     """
     rows: Dict[str, List] = {k: [] for k in (
         'mean', 'p10', 'p90', 'max', 'share', 'step_sum_max', 'step_sum_mean', 'margin')}
-    offsets = None
-    for blk in _blocks(model):
-        diffusion = _require(blk, 'diffusion', 'diffusion_scales')
-        _require(diffusion, 'coefficients', 'diffusion_scales')
-        with torch.no_grad():
-            coef = diffusion.coefficients().detach().double().cpu()  # (S, C)
-        offsets = list(getattr(diffusion, 'offsets', range(1, coef.shape[0] + 1)))
+    for coef in _used_coefficients(model, images):  # (S, C)
         q = torch.quantile(coef, torch.tensor([.1, .9], dtype=coef.dtype), dim=1)
         step_sum = NEIGHBOURS_PER_SCALE * coef.sum(0)  # per channel: Σ_s |N_s|·δt·a_s
         rows['mean'].append(coef.mean(1).tolist())
@@ -301,7 +335,7 @@ def diffusion_scales(model: nn.Module) -> Dict[str, Any]:
         rows['step_sum_max'].append(step_sum.max().item())
         rows['step_sum_mean'].append(step_sum.mean().item())
         rows['margin'].append(1. - step_sum.max().item())
-    return dict(offsets=offsets, neighbours_per_scale=NEIGHBOURS_PER_SCALE, **rows)
+    return dict(offsets=diffusion_offsets(model), neighbours_per_scale=NEIGHBOURS_PER_SCALE, **rows)
 
 
 def resolve_layer(model: nn.Module, layer: int) -> int:
@@ -331,6 +365,20 @@ def resolve_query(query: Union[int, Tuple[int, int], Sequence[int]], grid: Tuple
     return r, c
 
 
+def _has_attention(blk: nn.Module) -> bool:
+    """False for blocks built without A_diff (the ``attn_kernel='none'`` ablation leaves an empty module)."""
+    attn = getattr(blk, 'attn', None)
+    return attn is not None and any(True for _ in attn.parameters())
+
+
+def attention_feature_map(attn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """φ of a linear-kernel attention module: the one its ``feature_map`` names, else ``elu + 1``."""
+    name = getattr(attn, 'feature_map', None)
+    if isinstance(name, str) and hasattr(_diffusion, 'feature_map'):
+        return lambda x: _diffusion.feature_map(x, name)
+    return positive_feature_map
+
+
 def attention_rows(
         model: nn.Module,
         images: torch.Tensor,
@@ -345,6 +393,8 @@ def attention_rows(
     v_j − v_i`` must equal what the block's ``attn`` computed for token ``i`` before its output projection.
     """
     layer = resolve_layer(model, layer)
+    if not _has_attention(model.blocks[layer]):
+        raise ValueError(f'Block {layer} has no A_diff (built without attention): pick another --layer.')
     attn = _require(model.blocks[layer], 'attn', 'attention_rows')
     qkv_proj = _require(attn, 'qkv', 'attention_rows')
     num_heads = _require(attn, 'num_heads', 'attention_rows')
@@ -374,7 +424,8 @@ def attention_rows(
         k = qkv[:, :, C:2 * C].reshape(B, N, num_heads, d).transpose(1, 2)  # (B, heads, N, d)
         v = qkv[:, :, 2 * C:].reshape(B, N, num_heads, d).transpose(1, 2)
         if _require(attn, 'use_linear', 'attention_rows'):
-            w = (positive_feature_map(k) * positive_feature_map(q)).sum(-1)  # (B, heads, N): one row of W
+            phi = attention_feature_map(attn)
+            w = (phi(k) * phi(q)).sum(-1)  # (B, heads, N): one row of W
         else:
             w = ((k * q).sum(-1) / math.sqrt(d)).softmax(-1)
         w = w / w.sum(-1, keepdim=True)

@@ -316,23 +316,29 @@ def _show_erf(args, model, label, images, progress) -> Dict[str, Any]:
     offsets = diffusion_offsets(model)
     erf_centre = effective_receptive_field(diff, images.double(), 'centre', **kw)
     erf_every = effective_receptive_field(diff, images.double(), 'all' if args.all_tokens else 'corners', **kw)
-    for e in (erf_centre, erf_every):
-        check_local(e, offsets)
     diameter = grid_diameter(*erf_every.grid, offsets)
     probe = 'every output token' if args.all_tokens else 'corner tokens (the last to see everything)'
-    maps.append(('diffusion\npath only', erf_centre))
-    curves.append(dict(label='diffusion path only, centre token, any influence',
-                       fraction=erf_centre.token_fraction(0.), style=':s', color='tab:green'))
-    curves.append(dict(label=f'diffusion path only, {probe.split(" (")[0]}, any influence',
-                       fraction=erf_every.token_fraction(0.), style='--^', color='tab:red', diameter=diameter))
+    try:
+        for e in (erf_centre, erf_every):
+            check_local(e, offsets)
+        path_numbers = dict(
+            probe=probe, first_full_depth=erf_every.first_full_depth(), grid_diameter=diameter,
+            centre_token_first_full_depth=erf_centre.first_full_depth())
+    except ValueError as e:  # e.g. a time step pooled over the grid: the path is not the stencil's alone
+        print(f'ldn show: diffusion-path curve left out: {e}', file=sys.stderr)
+        path_numbers = dict(left_out=str(e), grid_diameter=diameter)
+    else:
+        maps.append(('diffusion\npath only', erf_centre))
+        curves.append(dict(label='diffusion path only, centre token, any influence',
+                           fraction=erf_centre.token_fraction(0.), style=':s', color='tab:green'))
+        curves.append(dict(label=f'diffusion path only, {probe.split(" (")[0]}, any influence',
+                           fraction=erf_every.token_fraction(0.), style='--^', color='tab:red', diameter=diameter))
     plot_erf(maps, curves, Path(args.out) / 'erf.png', args.threshold)
     return dict(
         grid=list(erf.grid), offsets=offsets, threshold=args.threshold, num_images=erf.num_images,
         depths=list(range(1, len(erf.token_fraction()) + 1)),
         curves=[{k: v for k, v in c.items() if k not in ('style', 'color')} for c in curves],
-        diffusion_path=dict(
-            probe=probe, first_full_depth=erf_every.first_full_depth(), grid_diameter=diameter,
-            centre_token_first_full_depth=erf_centre.first_full_depth()),
+        diffusion_path=path_numbers,
     )
 
 
@@ -374,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
                 meta, layer=layer, query=list(query), grid=list(grid), images=[str(f) for f in files[:n]],
                 weights=weights.tolist()))
         if 'diffusion' in pictures:
-            stats = V.diffusion_scales(model)
+            stats = V.diffusion_scales(model, images)
             plot_diffusion(stats, out / 'diffusion.png', f'{title}: learned diffusion per layer')
             _write_json(out / 'diffusion.json', dict(meta, **stats))
         if 'gradcam' in pictures:

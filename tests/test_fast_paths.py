@@ -198,6 +198,27 @@ def test_block_fast_path_leaves_its_input_alone() -> None:
     torch.testing.assert_close(x, before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize('chunk', [7, 4096])  # 7: the 2x6x5 tokens run as 9 chunks, the last one short
+def test_inference_block_with_chunked_mlp_equals_reference(chunk: int, monkeypatch) -> None:
+    """Without autograd the MLP accumulates into the residual stream chunk by chunk: same values as the spec's block."""
+    import timm_ldn.ldn as ldn_module
+    monkeypatch.setattr(ldn_module, 'MLP_CHUNK_TOKENS', chunk)
+    torch.manual_seed(3)
+    blk = LdnBlock(dim=12, num_heads=3).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 6, 5, 12)
+    before = x.clone()
+    assert blk._fused_mlp_ok(x)
+    with torch.inference_mode():
+        out = blk(x)
+    with torch.no_grad():
+        ref = _reference_block(copy.deepcopy(blk).double(), x.double()).float()
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(x, before, atol=0, rtol=0)  # the caller's tensor is untouched
+
+
 def test_drop_path_block_still_matches_in_eval() -> None:
     """With stochastic depth configured, eval runs the fused path and must equal the branch-wise path."""
     torch.manual_seed(0)

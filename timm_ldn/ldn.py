@@ -37,6 +37,8 @@ from .hub import hub_id, resolve_pretrained_overlay  # noqa: F401  hub_id names 
 
 __all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention']
 
+# token chunk of the fused inference MLP: bounds its N×4C hidden tensor at large N (see LdnBlock)
+MLP_CHUNK_TOKENS = 2048
 ATTN_KERNELS = ('linear', 'softmax', 'none')  # 'none': A_diff removed (ablation only)
 # where the primary diffusion acts: 'stream' = H + δt·K(H) on the residual stream (a convex average of the whole
 # stream), 'branch' = H + δt·K(LN(H)) as a pre-norm residual branch, 'none' = K removed (ablation only)
@@ -281,7 +283,46 @@ class LdnBlock(nn.Module):
                 x = torch.addcmul(x, a, self.ls1.gamma)
             else:  # no graph to protect: reuse the attention output's buffer (one CPU temporary fewer)
                 x = torch.addcmul(x, a, self.ls1.gamma, out=a)
+                if not torch.jit.is_scripting() and self._fused_mlp_ok(x):  # x is this block's own buffer: the MLP adds into it in place
+                    return self._mlp_residual_no_grad(x)
         return self._mlp(self.norm2(x)).add_(x)
+
+    @torch.jit.unused
+    def _fused_mlp_ok(self, x: torch.Tensor) -> bool:
+        mlp = self.mlp
+        return (self.plain_mlp and type(mlp.act) is nn.GELU and mlp.act.approximate == 'none'
+                and isinstance(mlp.norm, nn.Identity) and (not self.training or (mlp.drop1.p == 0 and mlp.drop2.p == 0))
+                and x.is_contiguous() and x.dtype == mlp.fc1.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
+
+    @torch.jit.unused
+    def _mlp_residual_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + F(LN(x))`` accumulated into ``x`` itself, over chunks of at most ``MLP_CHUNK_TOKENS`` tokens.
+
+        Same math as ``self._mlp(self.norm2(x)).add_(x)`` without autograd: fc2's GEMM accumulates straight into
+        the residual stream (no ``N×C`` output buffer, no bias broadcast copy, no separate residual pass), and at
+        large N the ``N×4C`` hidden tensor (the block's memory peak) is one chunk's worth, reused across chunks.
+        """
+        mlp = self.mlp
+        fc1, fc2 = mlp.fc1, mlp.fc2
+        C = x.shape[-1]
+        flat = x.view(-1, C)
+        rows = flat.shape[0]
+        chunk = min(rows, MLP_CHUNK_TOKENS)
+        hidden = torch.empty(chunk, fc1.out_features, dtype=x.dtype, device=x.device)
+        for i in range(0, rows, chunk):
+            xc = flat[i:i + chunk]
+            h = hidden[:xc.shape[0]]
+            u = self.norm2(xc)  # read before xc is updated below
+            if fc1.bias is not None:
+                torch.addmm(fc1.bias, u, fc1.weight.t(), out=h)
+            else:
+                torch.mm(u, fc1.weight.t(), out=h)
+            torch.ops.aten.gelu_(h)
+            if fc2.bias is not None:
+                xc.add_(fc2.bias)
+            xc.addmm_(h, fc2.weight.t())
+        return x
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or torch.is_grad_enabled() or not self.plain_mlp:

@@ -293,7 +293,7 @@ class LdnBlock(nn.Module):
         return (self.plain_mlp and type(mlp.act) is nn.GELU and mlp.act.approximate == 'none'
                 and isinstance(mlp.norm, nn.Identity) and (not self.training or (mlp.drop1.p == 0 and mlp.drop2.p == 0))
                 and x.is_contiguous() and x.dtype == mlp.fc1.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+                and x.device.type in ('cpu', 'cuda') and not torch.is_autocast_enabled(x.device.type))
 
     @torch.jit.unused
     def _mlp_residual_no_grad(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ for LDN-specific pictures, ``blocks[i].diffusion.coefficients()``, ``blocks[i].a
 """
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 

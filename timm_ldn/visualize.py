@@ -412,6 +412,10 @@ def attention_rows(
     finally:
         for hook in hooks:
             hook.remove()
+    if 'u' not in captured or 'a' not in captured:  # a fused block that bypasses the modules' forward
+        raise RuntimeError(
+            f'Block {layer} did not run attn and attn.proj as modules, so their inputs could not be captured. '
+            'Update timm_ldn.visualize.attention_rows to the block\'s new attention path.')
     grid = tuple(out[-1].shape[-2:])
     r, c = resolve_query(query, grid)
     i = r * grid[1] + c

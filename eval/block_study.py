@@ -37,6 +37,7 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     'ldn_dwconv': (LDN, {'mlp_dwconv': True}, 'F with a 3x3 depthwise conv on the hidden layer'),
     'ldn_overlap_stem': (LDN, {'stem_type': 'overlap'}, 'overlapping conv stem (two 3x3 stride-2 convs)'),
     'ldn_dt_small_init': (LDN, {'tau_init': -6.}, 'dt starts near 0 (0.25% of the bound) instead of 27%'),
+    'ldn_dt_large_init': (LDN, {'tau_init': 2.}, 'dt starts at 88% of the bound instead of 27%'),
     'ldn_dt_input': (LDN, {'dt_mode': 'input'}, 'input-dependent dt (tau + pooled projection)'),
     'ldn_k_branch': (LDN, {'diffusion_form': 'branch'}, 'primary diffusion as a pre-norm branch H + dt*K(LN(H))'),
     'ldn_phi_relu': (LDN, {'attn_feature_map': 'relu'}, 'A_diff with phi = relu + 1e-3'),
@@ -44,6 +45,12 @@ ROWS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     'ldn_softmax': (LDN, {'attn_kernel': 'softmax'}, 'A_diff with the exact softmax kernel (quadratic)'),
     'ldn_no_adiff': (LDN, {'attn_kernel': 'none'}, 'ablation: A_diff removed'),
     'ldn_no_k': (LDN, {'diffusion_form': 'none'}, 'ablation: primary diffusion K removed'),
+    # candidates combining the screening winners; MLP ratio 3.875 pays for the depthwise conv (MACs <= the ViT's)
+    'ldn_v2': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875}, 'candidate: dwconv in F, MLP ratio 3.875'),
+    'ldn_v2_branch': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875, 'diffusion_form': 'branch'},
+                      'candidate: dwconv in F, MLP ratio 3.875, K as a pre-norm branch'),
+    'ldn_v2_overlap': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875, 'stem_type': 'overlap'},
+                       'candidate: dwconv in F, MLP ratio 3.875, overlapping stem (over the MAC budget)'),
     'vit': ('vit_nano_patch4_28', {}, 'baseline: timm ViT, same patch/width/depth/heads'),
     'resnet': ('resnet_nano_28', {}, 'baseline: timm ResNet-10-T narrowed to the same params'),
 }
@@ -59,17 +66,18 @@ def _result_path(exp: str) -> Path:
     return RESULTS_DIR / f'fmnist_{exp}.json'
 
 
-def _command(stage: str, row: str, seed: int, epochs: int) -> List[str]:
+def _command(stage: str, row: str, seed: int, epochs: int, threads: int = 1) -> List[str]:
     model, overrides, _ = ROWS[row]
     cmd = [sys.executable, str(EVAL_DIR / 'train_fmnist.py'), '--model', model, '--experiment',
-           experiment_name(stage, row, seed), '--seed', str(seed), '--epochs', str(epochs), '--threads', '1',
+           experiment_name(stage, row, seed), '--seed', str(seed), '--epochs', str(epochs), '--threads', str(threads),
            '--resume', '--log-interval', '0']
     if overrides:
         cmd += ['--model-kwargs'] + [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
     return cmd
 
 
-def run(stage: str, rows: List[str], seeds: List[int], jobs: int, epochs: Optional[int], snapshot: bool) -> int:
+def run(stage: str, rows: List[str], seeds: List[int], jobs: int, epochs: Optional[int], snapshot: bool,
+        threads: int = 1) -> int:
     """Train every (row, seed) without a result yet, ``jobs`` at a time; resumes unfinished runs."""
     epochs = epochs or STAGES[stage]
     todo = [(r, s) for s in seeds for r in rows if not _result_path(experiment_name(stage, r, s)).is_file()]
@@ -82,7 +90,7 @@ def run(stage: str, rows: List[str], seeds: List[int], jobs: int, epochs: Option
             exp = experiment_name(stage, row, seed)
             (RUNS_DIR / exp).mkdir(parents=True, exist_ok=True)
             log = open(RUNS_DIR / exp / 'stdout.log', 'a')
-            running.append((subprocess.Popen(_command(stage, row, seed, epochs), stdout=log, stderr=subprocess.STDOUT,
+            running.append((subprocess.Popen(_command(stage, row, seed, epochs, threads), stdout=log, stderr=subprocess.STDOUT,
                                              cwd=ROOT), exp))
             print(f'started {exp}', flush=True)
         time.sleep(10)
@@ -134,6 +142,17 @@ def _curve(exp: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def row_cost(row: str) -> Dict[str, float]:
+    """Params and GMACs of a row's model at 28 px, counted now with the project's one counter (meta device)."""
+    sys.path.insert(0, str(EVAL_DIR))
+    import train_fmnist
+    model, overrides, _ = ROWS[row]
+    recipe = train_fmnist.load_recipe(train_fmnist.DEFAULT_RECIPE)
+    net = train_fmnist.build_model(model, recipe, overrides)
+    return dict(params=sum(p.numel() for p in net.parameters()),
+                gmacs=train_fmnist.count_macs(net, tuple(recipe['input_size'])))
+
+
 def report() -> Dict[str, Any]:
     """Table of every finished run (csv/json/md), learning curves and test top-1 vs MACs."""
     import statistics
@@ -149,9 +168,10 @@ def report() -> Dict[str, Any]:
                 continue
             res = [json.loads(p.read_text()) for p in runs]
             top1 = [r['test_top1'] for r in res]
+            cost = row_cost(row)
             table.append(dict(
                 stage=stage, row=row, model=model, overrides=overrides, what=what, seeds=[r['seed'] for r in res],
-                epochs=res[0]['epochs'], params=res[0]['params'], gmacs=res[0]['gmacs'],
+                epochs=res[0]['epochs'], params=cost['params'], gmacs=cost['gmacs'],
                 val_top1=statistics.mean(r['val_top1'] for r in res),
                 test_top1=statistics.mean(top1), test_top1_runs=top1,
                 test_top1_spread=max(top1) - min(top1),
@@ -213,13 +233,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
     r.add_argument('--seeds', nargs='+', type=int, default=[0])
     r.add_argument('--jobs', type=int, default=2)
+    r.add_argument('--threads', type=int, default=1, help='torch threads per training run')
     r.add_argument('--epochs', type=int, default=None, help="override the stage's schedule")
     r.add_argument('--snapshot', action='store_true', help='keep eval/checkpoints/ up to date while running')
     sub.add_parser('report', help='write the study table and plots from the finished runs')
     sub.add_parser('restore', help='copy committed snapshots back into eval/runs/ for --resume')
     args = p.parse_args(argv)
     if args.cmd == 'run':
-        return run(args.stage, args.rows, args.seeds, args.jobs, args.epochs, args.snapshot)
+        return run(args.stage, args.rows, args.seeds, args.jobs, args.epochs, args.snapshot, args.threads)
     if args.cmd == 'restore':
         restore()
         return 0

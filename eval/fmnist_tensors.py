@@ -45,7 +45,8 @@ def load_split_tensors(
         val = fmnist_data.stratified_holdout(y, val_per_class, seed)
         keep = val if split == 'validation' else ~val
         x, y = x[keep], y[keep]
-    return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+    # a copy: the IDX buffer of the test split is read-only
+    return torch.from_numpy(np.array(x)).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

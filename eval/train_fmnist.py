@@ -38,6 +38,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import CheckpointSaver, ModelEmaV3, accuracy
 
 import timm_ldn  # noqa: F401  registers ldn_* with timm
+from timm_ldn.profiling import count_cost
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist_tensors  # noqa: E402
@@ -85,17 +86,9 @@ def build_model(name: str, recipe: Dict[str, Any], model_kwargs: Optional[Dict[s
 
 
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
-    """GMACs of one forward at batch 1 (FlopCounterMode counts FLOPs; MACs = FLOPs / 2)."""
-    import copy
-    from torch.utils.flop_counter import FlopCounterMode
-    model = copy.deepcopy(model).eval()
-    # FlopCounterMode does not count timm's fused CPU SDPA kernel; the explicit path (same math) is counted
-    for m in model.modules():
-        if hasattr(m, 'fused_attn'):
-            m.fused_attn = False
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(torch.zeros(1, *input_size))
-    return fc.get_total_flops() / 2 / 1e9
+    """GMACs of one forward at batch 1, with the project's one counter (``timm_ldn.profiling.count_cost``: meta
+    device, attention as explicit matmuls), so the study, the budget table and ``ldn info`` agree."""
+    return count_cost(model, input_size)['gmacs']
 
 
 def make_loader(recipe: Dict[str, Any], split: str, training: bool, batch_size: int) -> torch.utils.data.DataLoader:

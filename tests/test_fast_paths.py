@@ -163,9 +163,11 @@ def _reference_block(blk: LdnBlock, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize('height,width', [(6, 5), (3, 2)])
 @pytest.mark.parametrize('training', [False, True])
-def test_block_fast_path_equals_reference(height: int, width: int, training: bool) -> None:
+@pytest.mark.parametrize('mlp_dwconv', [True, False])  # the default F (layout v2) and the plain MLP (v1)
+def test_block_fast_path_equals_reference(height: int, width: int, training: bool, mlp_dwconv: bool) -> None:
     torch.manual_seed(height + width)
-    blk = LdnBlock(dim=12, num_heads=3).train(training)  # no drop-path, no dropout: the fused path runs
+    # no drop-path, no dropout: the fused path runs
+    blk = LdnBlock(dim=12, num_heads=3, mlp_dwconv=mlp_dwconv).train(training)
     with torch.no_grad():  # move off the init values so every parameter matters
         for p in blk.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -204,7 +206,7 @@ def test_inference_block_with_chunked_mlp_equals_reference(chunk: int, monkeypat
     import timm_ldn.ldn as ldn_module
     monkeypatch.setattr(ldn_module, 'MLP_CHUNK_TOKENS', chunk)
     torch.manual_seed(3)
-    blk = LdnBlock(dim=12, num_heads=3).eval()
+    blk = LdnBlock(dim=12, num_heads=3, mlp_dwconv=False, mlp_ratio=4.).eval()  # the plain MLP of layout v1 tags
     with torch.no_grad():
         for p in blk.parameters():
             p.add_(torch.randn_like(p) * 0.3)

@@ -198,18 +198,46 @@ def test_checkpoint_filter_fn_reads_train_py_layouts():
 def test_layout_converter_hook(monkeypatch):
     model = _tiny()
     sd = model.state_dict()
-    # pretend layout v2 renamed tau -> tau_new is undone: v1 checkpoints store 'diffusion.tau_old'
+    current = ldn.LDN_LAYOUT_VERSION
+    # pretend a future layout renamed tau -> tau_new is undone: current checkpoints store 'diffusion.tau_old'
     old = {k.replace('diffusion.tau', 'diffusion.tau_old'): v for k, v in sd.items()}
-    old[ldn.LAYOUT_VERSION_KEY] = torch.tensor(1)
-    monkeypatch.setattr(ldn, 'LDN_LAYOUT_VERSION', 2)
-    with pytest.raises(RuntimeError, match='No converter from LDN parameter layout v1 to v2'):
+    old[ldn.LAYOUT_VERSION_KEY] = torch.tensor(current)
+    monkeypatch.setattr(ldn, 'LDN_LAYOUT_VERSION', current + 1)
+    with pytest.raises(RuntimeError, match=f'No converter from LDN parameter layout v{current} to v{current + 1}'):
         ldn.checkpoint_filter_fn(dict(old), model)
-    monkeypatch.setitem(ldn._LAYOUT_CONVERTERS, 1, lambda d: {
+    monkeypatch.setitem(ldn._LAYOUT_CONVERTERS, current, lambda d: {
         k.replace('diffusion.tau_old', 'diffusion.tau'): v for k, v in d.items()})
     out = ldn.checkpoint_filter_fn(dict(old), model)
     assert out.keys() == sd.keys()
-    with pytest.raises(RuntimeError, match='layout v3'):
-        ldn.checkpoint_filter_fn(dict(sd, **{ldn.LAYOUT_VERSION_KEY: 3}), model)
+    with pytest.raises(RuntimeError, match=f'layout v{current + 2}'):
+        ldn.checkpoint_filter_fn(dict(sd, **{ldn.LAYOUT_VERSION_KEY: current + 2}), model)
+
+
+def test_layout_v1_checkpoints_load_into_the_v1_block_and_name_the_fix_otherwise():
+    """Layout v2 (default) has a depthwise conv in F and MLP ratio 3.875; v1 weights need the v1 block."""
+    v1 = timm.create_model('ldn_tiny', depth=2, **ldn.V1_MODEL_ARGS)
+    v2 = timm.create_model('ldn_tiny', depth=2)
+    assert hasattr(v2.blocks[0].mlp, 'dwconv') and not hasattr(v1.blocks[0].mlp, 'dwconv')
+    sd1 = v1.state_dict()
+    for state in (dict(sd1), dict(sd1, **{ldn.LAYOUT_VERSION_KEY: torch.tensor(1)})):  # inferred, explicit
+        out = ldn.checkpoint_filter_fn(dict(state), timm.create_model('ldn_tiny', depth=2, **ldn.V1_MODEL_ARGS))
+        assert out.keys() == sd1.keys()
+        with pytest.raises(RuntimeError, match=r'layout v1 .*mlp_dwconv=False, mlp_ratio=4\.0'):
+            ldn.checkpoint_filter_fn(dict(state), v2)
+    with pytest.raises(RuntimeError, match=r'layout v1 .*mlp_dwconv=False, mlp_ratio=4\.0'):
+        v2.load_state_dict(sd1)  # the load_state_dict pre-hook: train.py --resume / checkpoint_path=
+    with pytest.raises(RuntimeError, match='layout v2'):
+        v1.load_state_dict(v2.state_dict())
+
+
+def test_published_v1_tag_builds_its_own_block_and_untagged_names_build_the_default():
+    assert hub.tag_model_args('ldn_nano_patch4_28', 'fmnist') == ldn.V1_MODEL_ARGS
+    tagged = timm.create_model('ldn_nano_patch4_28.fmnist')
+    assert type(tagged.blocks[0].mlp).__name__ == 'Mlp' and tagged.blocks[0].mlp.fc1.out_features == 256
+    fresh = timm.create_model('ldn_nano_patch4_28')  # no weights asked for: the current default block
+    assert hasattr(fresh.blocks[0].mlp, 'dwconv') and fresh.blocks[0].mlp.fc1.out_features == 248
+    explicit = timm.create_model('ldn_nano_patch4_28.fmnist', mlp_ratio=2.)  # the caller's arguments win
+    assert explicit.blocks[0].mlp.fc1.out_features == 128
 
 
 def test_manifest_schema_is_enforced(tmp_path):

@@ -73,6 +73,12 @@ def architecture_pre_hook(
             f'an LDN checkpoint has patch_embed.proj.weight, blocks.<i>.diffusion.a_raw, ...). It was saved '
             f'from another architecture: create that model instead, or pass the right LDN checkpoint.')
 
+    # layout v1 (F without depthwise conv, MLP ratio 4) vs v2: one message with the fix, not a list of shapes
+    ckpt_dwconv = any('.mlp.dwconv.' in k for k in ckpt)
+    if any(k.endswith('.mlp.fc1.weight') for k in ckpt) and ckpt_dwconv != any('.mlp.dwconv.' in k for k in own):
+        from .ldn import layout_mismatch_message
+        raise CheckpointArchitectureError(f'LDN checkpoint does not fit this {cls}: ' + layout_mismatch_message(ckpt_dwconv))
+
     have, want = _describe(ckpt), _describe(own)
     # only fields that change tensor shapes: torch fails on those even with strict=False, so naming them never
     # rejects a load torch would accept. Depth is left to torch (missing/unexpected blocks.<i>.* keys): torch

@@ -165,6 +165,23 @@ def find_entry(
     return None
 
 
+def tag_model_args(variant: str, pretrained_cfg: Optional[Any] = None) -> Dict[str, Any]:
+    """Architecture arguments a published tag was trained with (its manifest ``model_args``), else ``{}``.
+
+    Weights of an earlier default block (e.g. parameter layout v1: no depthwise conv in F, MLP ratio 4) stay
+    loadable after the registered default changes: ``create_model('<arch>.<tag>')`` builds the tag's own block.
+    Explicit keyword arguments of the caller win over these.
+    """
+    from timm.models import resolve_pretrained_cfg
+    try:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
+    except RuntimeError:  # unknown tag: resolve_pretrained_overlay names the tags that exist
+        return {}
+    repo = cfg.get('hf_hub_id')
+    entry = find_entry(repo, cfg.get('hf_hub_filename') or WEIGHTS_FILENAME) if repo else None
+    return dict(entry.get('model_args') or {}) if entry else {}
+
+
 def sha256_file(path: Union[str, Path], chunk_size: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, 'rb') as f:

@@ -4,13 +4,17 @@ Each block is one explicit-Euler step of ``dH/dt = K·H + A_diff(H) + F(H)`` ove
 
     H ← H + δt ⊙ K(H)                      primary diffusion (multi-scale no-flux Laplacian, learned δt)
     H ← H + γ ⊙ W_o · A_diff(LN(H))        diffusion-based attention, linear in the token count
-    H ← H + F(LN(H))                        local update (MLP)
+    H ← H + F(LN(H))                        local update (MLP, 3×3 depthwise conv on its hidden layer)
 
 The operators live in ``timm_ldn.diffusion``; this file assembles them into a timm model.
 Tokens stay channels-last (``B×h×w×C``) through every block: linear layers act on the last dim and the
 depthwise stencil sees a channels_last view, so no layout copies happen inside a block.
 
 Paper: 'Linear Diffusion Networks', Jacob Fein-Ashley. Architecture contract: ``LDN_SPEC.md``.
+
+The default block is parameter layout v2 (``LDN_LAYOUT_VERSION``), picked by the Fashion-MNIST block study
+(``eval/block_study.py``): F carries the depthwise conv and an MLP ratio of 3.875, K acts on the residual stream,
+δt starts at 27 % of the stability bound. Other forms the spec allows remain constructor options.
 """
 import warnings
 from functools import partial
@@ -33,7 +37,7 @@ from .diffusion import (
     packed_linear_diffusion_attention, per_sample_diffusion_coefficients, per_sample_diffusion_step, softmax_diffusion_attention, stencil_basis,
 )
 from ._checkpoint import architecture_pre_hook
-from .hub import hub_id, resolve_pretrained_overlay  # noqa: F401  hub_id names the Hub repos of published cfgs
+from .hub import hub_id, resolve_pretrained_overlay, tag_model_args  # noqa: F401  hub_id: Hub repos of cfgs
 
 __all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention']
 
@@ -45,6 +49,10 @@ ATTN_KERNELS = ('linear', 'softmax', 'none')  # 'none': A_diff removed (ablation
 DIFFUSION_FORMS = ('stream', 'branch', 'none')
 DT_MODES = ('param', 'input')  # δt from a learned τ per channel, or τ + a pooled projection of the input
 STEM_TYPES = ('patch', 'overlap')
+# The local update F of the default block (parameter layout v2, chosen by the Fashion-MNIST block study,
+# eval/results/block_study/): a 3×3 depthwise conv on the hidden layer, and an MLP ratio of 3.875 instead of 4
+# that pays for it, so every variant stays within the params / MACs of the DeiT (or ViT) of its size.
+MLP_RATIO = 3.875
 
 
 class PrimaryDiffusion(nn.Module):
@@ -207,14 +215,14 @@ class LdnBlock(nn.Module):
             self,
             dim: int,
             num_heads: int,
-            mlp_ratio: float = 4.,
+            mlp_ratio: float = MLP_RATIO,
             qkv_bias: bool = True,
             diffusion_offsets: Sequence[int] = DEFAULT_OFFSETS,
             diffusion_form: str = 'stream',
             dt_mode: str = 'param',
             attn_kernel: str = 'linear',
             attn_feature_map: str = 'elu',
-            mlp_dwconv: bool = False,
+            mlp_dwconv: bool = True,
             tau_init: float = -1.,
             ls_init_value: float = 1.,
             proj_drop: float = 0.,
@@ -431,14 +439,14 @@ class LinearDiffusionNet(nn.Module):
             embed_dim: int = 384,
             depth: int = 12,
             num_heads: int = 6,
-            mlp_ratio: float = 4.,
+            mlp_ratio: float = MLP_RATIO,
             qkv_bias: bool = True,
             diffusion_offsets: Sequence[int] = DEFAULT_OFFSETS,
             diffusion_form: str = 'stream',
             dt_mode: str = 'param',
             attn_kernel: str = 'linear',
             attn_feature_map: str = 'elu',
-            mlp_dwconv: bool = False,
+            mlp_dwconv: bool = True,
             stem_type: str = 'patch',
             tau_init: float = -1.,
             ls_init_value: float = 1.,
@@ -464,14 +472,15 @@ class LinearDiffusionNet(nn.Module):
             embed_dim: Token width C.
             depth: Number of LDN blocks (diffusion steps).
             num_heads: Heads of the diffusion-based attention.
-            mlp_ratio: Hidden ratio of the local update MLP.
+            mlp_ratio: Hidden ratio of the local update MLP (3.875 by default: pays for the depthwise conv).
             diffusion_offsets: Grid offsets of the multi-scale diffusion stencil.
             diffusion_form: 'stream' (H + δt·K(H)), 'branch' (H + δt·K(LN(H))) or 'none' (ablation).
             dt_mode: 'param' (δt from a learned τ per channel) or 'input' (τ plus a pooled projection of the input).
             attn_kernel: 'linear' (φ(Q)φ(K)ᵀ, linear cost), 'softmax' (exact exp kernel via SDPA, quadratic) or
                 'none' (A_diff removed, ablation).
             attn_feature_map: φ of the linear kernel: 'elu' (elu+1), 'relu' (relu+1e-3) or 'softplus'.
-            mlp_dwconv: Add a 3×3 depthwise conv on the hidden layer of the local update F.
+            mlp_dwconv: 3×3 depthwise conv on the hidden layer of the local update F (default; False with
+                mlp_ratio=4 is the block of parameter layout v1).
             stem_type: 'patch' (non-overlapping patch conv) or 'overlap' (stride-2 3×3 convs, same total stride).
             tau_init: Initial τ of the time step, ``δt = sigmoid(τ) / Σ|N_s|a_s``.
             ls_init_value: Initial per-channel scale γ of the attention branch.
@@ -674,18 +683,39 @@ class LinearDiffusionNet(nn.Module):
 # Version of the parameter layout (state-dict names, shapes and parameterisation). Bump it whenever that layout
 # changes and register a converter from the previous version in _LAYOUT_CONVERTERS, so published weights and old
 # train.py checkpoints keep loading. `ldn export` records it in the manifest and config.json.
-LDN_LAYOUT_VERSION = 1
+# v1: F = MLP ratio 4. v2: F = MLP ratio 3.875 with a 3×3 depthwise conv on the hidden layer (mlp.dwconv.*).
+LDN_LAYOUT_VERSION = 2
 LAYOUT_VERSION_KEY = 'ldn_layout_version'
 # version v -> fn(state_dict) returning the same weights in the layout of version v + 1
-_LAYOUT_CONVERTERS: Dict[int, Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {}
+_LAYOUT_CONVERTERS: Dict[int, Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {
+    # same names and shapes: a v1 model is still built by mlp_dwconv=False, mlp_ratio=4 (checked in the filter)
+    1: lambda state_dict: state_dict,
+}
 # timm adapts these itself after the filter (classifier reset for a new num_classes, stem for a new in_chans)
 _ADAPTED_KEYS = ('head.fc.weight', 'head.fc.bias', 'patch_embed.proj.weight')
+V1_MODEL_ARGS = dict(mlp_dwconv=False, mlp_ratio=4.)
 
 
 def _layout_version(checkpoint: dict, state_dict: dict) -> int:
-    """Explicit version (a key in the checkpoint wrapper or the state dict), else the current layout."""
-    version = state_dict.pop(LAYOUT_VERSION_KEY, checkpoint.get(LAYOUT_VERSION_KEY, LDN_LAYOUT_VERSION))
+    """Explicit version (a key in the checkpoint wrapper or the state dict), else read from the keys: MLP weights
+    without a depthwise conv are layout v1 (or a model built with mlp_dwconv=False), anything else the current."""
+    version = state_dict.pop(LAYOUT_VERSION_KEY, checkpoint.get(LAYOUT_VERSION_KEY, None))
+    if version is None:
+        has_mlp = any(k.endswith('.mlp.fc1.weight') for k in state_dict)
+        has_dwconv = any('.mlp.dwconv.' in k for k in state_dict)
+        return 1 if has_mlp and not has_dwconv else LDN_LAYOUT_VERSION
     return int(version.item() if isinstance(version, torch.Tensor) else version)
+
+
+def layout_mismatch_message(checkpoint_has_dwconv: bool) -> str:
+    """What to do when a checkpoint's local update F (with / without depthwise conv) differs from the model's."""
+    if checkpoint_has_dwconv:
+        return ('the checkpoint has LDN parameter layout v2 (3x3 depthwise conv in F, mlp.dwconv.*) but the model '
+                'was created without it: drop mlp_dwconv=False / mlp_ratio from the create_model arguments.')
+    return ('the checkpoint has LDN parameter layout v1 (F without depthwise conv, MLP ratio 4: timm-ldn < 0.2) and '
+            'the model has the v2 block. Create the model with the v1 block to load it: '
+            "timm.create_model(<arch>, mlp_dwconv=False, mlp_ratio=4.0, ...). Published v1 tags do this by "
+            'themselves (manifest model_args).')
 
 
 def _format_keys(keys: List[str], limit: int = 8) -> str:
@@ -732,6 +762,11 @@ def checkpoint_filter_fn(state_dict: dict, model: LinearDiffusionNet) -> dict:
         state_dict = _LAYOUT_CONVERTERS[v](state_dict)
 
     expected = model.state_dict()
+    ckpt_dwconv = any('.mlp.dwconv.' in k for k in state_dict)
+    model_dwconv = any('.mlp.dwconv.' in k for k in expected)
+    if any(k.endswith('.mlp.fc1.weight') for k in state_dict) and ckpt_dwconv != model_dwconv:
+        raise RuntimeError(f'Checkpoint does not fit this {type(model).__name__}: '
+                           + layout_mismatch_message(ckpt_dwconv))
     missing = sorted(k for k in expected if k not in state_dict and k not in _ADAPTED_KEYS)
     unexpected = sorted(k for k in state_dict if k not in expected and k not in _ADAPTED_KEYS)
     mis_shaped = sorted(
@@ -788,6 +823,11 @@ default_cfgs = generate_default_cfgs({
 
 def _create_ldn(variant: str, pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
     out_indices = kwargs.pop('out_indices', 3)
+    # a published tag of an earlier default block (layout v1) is built with the arguments it was trained with;
+    # an untagged name without weights is the current default block (a fresh model to train)
+    if pretrained or kwargs.get('pretrained_cfg') is not None:
+        for key, value in tag_model_args(variant, kwargs.get('pretrained_cfg')).items():
+            kwargs.setdefault(key, value)
     if pretrained:
         # timm downloads and loads; first refuse tags without weights (never silently random) and swap a
         # published Hub file for its sha256-verified cached copy (see timm_ldn.hub)
@@ -809,28 +849,30 @@ def _create_ldn(variant: str, pretrained: bool = False, **kwargs) -> LinearDiffu
 
 @register_model
 def ldn_tiny(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
-    """ LDN-Tiny, 224 px, patch 16, C=192, 12 blocks, 3 heads (DeiT-Ti budget)."""
+    """ LDN-Tiny, 224 px, patch 16, C=192, 12 blocks, 3 heads (DeiT-Ti budget: 5.67 M params, 1.16 GMACs)."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
     return _create_ldn('ldn_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ldn_small(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
-    """ LDN-Small, 224 px, patch 16, C=384, 12 blocks, 6 heads (DeiT-S budget)."""
+    """ LDN-Small, 224 px, patch 16, C=384, 12 blocks, 6 heads (DeiT-S budget: 21.73 M params, 4.36 GMACs)."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return _create_ldn('ldn_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ldn_base(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
-    """ LDN-Base, 224 px, patch 16, C=768, 12 blocks, 12 heads (DeiT-B budget)."""
+    """ LDN-Base, 224 px, patch 16, C=768, 12 blocks, 12 heads (DeiT-B budget: 85.05 M params, 16.86 GMACs)."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_ldn('ldn_base', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def ldn_nano_patch4_28(pretrained: bool = False, **kwargs) -> LinearDiffusionNet:
-    """ LDN-Nano for 28 px grayscale (Fashion-MNIST), patch 4, C=64, 6 blocks, 2 heads (0.3 M params).
+    """ LDN-Nano for 28 px grayscale (Fashion-MNIST), patch 4, C=64, 6 blocks, 2 heads.
+
+    0.31 M params, 16.6 MMACs: within the same-size ViT's 16.7 MMACs (``eval/results/block_study/``).
 
     7x7 token grid: offsets (1, 2) give graph diameter 6 = depth (Theorem 1: every output token sees every
     input token through diffusion alone) with a 5x5 stencil; (1, 2, 4) would need 9x9 taps on a 7x7 grid.

@@ -285,8 +285,15 @@ def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
 
     input_size = tuple(cfg['input_size'])
     params, gmacs = model_stats(model, input_size)
-    with torch.no_grad():
-        logits = model(probe_input(input_size))[0].float()
+    # one thread: the CPU kernels (and the diffusion step's implementation, see diffusion_step) depend on the
+    # thread count, and the fingerprint is bitwise; a 1-thread run anywhere on this kind of CPU reproduces it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            logits = model(probe_input(input_size))[0].float()
+    finally:
+        torch.set_num_threads(threads)
     top = torch.topk(logits, min(5, logits.numel()))
 
     entry: Dict[str, Any] = dict(

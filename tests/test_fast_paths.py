@@ -237,3 +237,19 @@ def test_attention_module_matches_reference() -> None:
     q, k, v = attn.qkv(x).reshape(2, 10, 3, 3, 4).permute(2, 0, 3, 1, 4).unbind(0)
     ref = attn.proj(diffusion_attention_reference(q, k, v).transpose(1, 2).reshape(2, 10, 12))
     torch.testing.assert_close(attn(x), ref, **TOL)
+
+
+def test_inference_block_with_dwconv_mlp_equals_reference() -> None:
+    """The default F (depthwise conv on the hidden layer) accumulates into the residual stream without autograd:
+    same values as the spec's block, and the fused path is the one that runs."""
+    torch.manual_seed(4)
+    blk = LdnBlock(dim=12, num_heads=3).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 6, 5, 12)
+    assert blk._fused_mlp_ok(x)
+    with torch.inference_mode():
+        out = blk(x)
+    ref = _reference_block(copy.deepcopy(blk).double(), x.double())
+    torch.testing.assert_close(out.double(), ref, **TOL)

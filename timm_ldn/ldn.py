@@ -298,8 +298,9 @@ class LdnBlock(nn.Module):
     @torch.jit.unused
     def _fused_mlp_ok(self, x: torch.Tensor) -> bool:
         mlp = self.mlp
-        return (self.plain_mlp and type(mlp.act) is nn.GELU and mlp.act.approximate == 'none'
-                and isinstance(mlp.norm, nn.Identity) and (not self.training or (mlp.drop1.p == 0 and mlp.drop2.p == 0))
+        return (type(mlp.act) is nn.GELU and mlp.act.approximate == 'none'
+                and isinstance(getattr(mlp, 'norm', None) or nn.Identity(), nn.Identity)
+                and (not self.training or (mlp.drop1.p == 0 and mlp.drop2.p == 0))
                 and x.is_contiguous() and x.dtype == mlp.fc1.weight.dtype
                 and x.device.type in ('cpu', 'cuda') and not torch.is_autocast_enabled(x.device.type))
 
@@ -315,6 +316,12 @@ class LdnBlock(nn.Module):
         fc1, fc2 = mlp.fc1, mlp.fc2
         C = x.shape[-1]
         flat = x.view(-1, C)
+        if not self.plain_mlp:  # depthwise conv in F: it needs whole token maps, so no chunking over tokens
+            h = mlp.dwconv(fc1(self.norm2(x)).permute(0, 3, 1, 2))  # channels_last in and out: no layout copy
+            torch.ops.aten.gelu_(h)  # in place on the fresh conv output: one N×hidden buffer fewer
+            if fc2.bias is not None:
+                flat.add_(fc2.bias)
+            return flat.addmm_(h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), fc2.weight.t()).view_as(x)
         rows = flat.shape[0]
         chunk = min(rows, MLP_CHUNK_TOKENS)
         hidden = torch.empty(chunk, fc1.out_features, dtype=x.dtype, device=x.device)

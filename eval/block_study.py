@@ -31,20 +31,22 @@ SNAPSHOT_DIR = EVAL_DIR / 'checkpoints'
 STUDY_DIR = RESULTS_DIR / 'block_study'
 
 LDN = 'ldn_nano_patch4_28'
+# the block the study started from (parameter layout v1); rows spell it out, since the default block changed
+V1 = {'mlp_dwconv': False, 'mlp_ratio': 4.}
 # row -> (model, architecture overrides, what the row measures). Overrides are LinearDiffusionNet arguments.
 ROWS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
-    'ldn_base': (LDN, {}, "today's block: K on the stream, elu+1 A_diff, MLP F, patch stem, dt at 27% of the bound"),
-    'ldn_dwconv': (LDN, {'mlp_dwconv': True}, 'F with a 3x3 depthwise conv on the hidden layer'),
-    'ldn_overlap_stem': (LDN, {'stem_type': 'overlap'}, 'overlapping conv stem (two 3x3 stride-2 convs)'),
-    'ldn_dt_small_init': (LDN, {'tau_init': -6.}, 'dt starts near 0 (0.25% of the bound) instead of 27%'),
-    'ldn_dt_large_init': (LDN, {'tau_init': 2.}, 'dt starts at 88% of the bound instead of 27%'),
-    'ldn_dt_input': (LDN, {'dt_mode': 'input'}, 'input-dependent dt (tau + pooled projection)'),
-    'ldn_k_branch': (LDN, {'diffusion_form': 'branch'}, 'primary diffusion as a pre-norm branch H + dt*K(LN(H))'),
-    'ldn_phi_relu': (LDN, {'attn_feature_map': 'relu'}, 'A_diff with phi = relu + 1e-3'),
-    'ldn_phi_softplus': (LDN, {'attn_feature_map': 'softplus'}, 'A_diff with phi = softplus'),
-    'ldn_softmax': (LDN, {'attn_kernel': 'softmax'}, 'A_diff with the exact softmax kernel (quadratic)'),
-    'ldn_no_adiff': (LDN, {'attn_kernel': 'none'}, 'ablation: A_diff removed'),
-    'ldn_no_k': (LDN, {'diffusion_form': 'none'}, 'ablation: primary diffusion K removed'),
+    'ldn_base': (LDN, dict(V1), "today's block: K on the stream, elu+1 A_diff, MLP F, patch stem, dt at 27% of the bound"),
+    'ldn_dwconv': (LDN, {**V1, 'mlp_dwconv': True}, 'F with a 3x3 depthwise conv on the hidden layer'),
+    'ldn_overlap_stem': (LDN, {**V1, 'stem_type': 'overlap'}, 'overlapping conv stem (two 3x3 stride-2 convs)'),
+    'ldn_dt_small_init': (LDN, {**V1, 'tau_init': -6.}, 'dt starts near 0 (0.25% of the bound) instead of 27%'),
+    'ldn_dt_large_init': (LDN, {**V1, 'tau_init': 2.}, 'dt starts at 88% of the bound instead of 27%'),
+    'ldn_dt_input': (LDN, {**V1, 'dt_mode': 'input'}, 'input-dependent dt (tau + pooled projection)'),
+    'ldn_k_branch': (LDN, {**V1, 'diffusion_form': 'branch'}, 'primary diffusion as a pre-norm branch H + dt*K(LN(H))'),
+    'ldn_phi_relu': (LDN, {**V1, 'attn_feature_map': 'relu'}, 'A_diff with phi = relu + 1e-3'),
+    'ldn_phi_softplus': (LDN, {**V1, 'attn_feature_map': 'softplus'}, 'A_diff with phi = softplus'),
+    'ldn_softmax': (LDN, {**V1, 'attn_kernel': 'softmax'}, 'A_diff with the exact softmax kernel (quadratic)'),
+    'ldn_no_adiff': (LDN, {**V1, 'attn_kernel': 'none'}, 'ablation: A_diff removed'),
+    'ldn_no_k': (LDN, {**V1, 'diffusion_form': 'none'}, 'ablation: primary diffusion K removed'),
     # candidates combining the screening winners; MLP ratio 3.875 pays for the depthwise conv (MACs <= the ViT's)
     'ldn_v2': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875}, 'candidate: dwconv in F, MLP ratio 3.875'),
     'ldn_v2_branch': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875, 'diffusion_form': 'branch'},

@@ -228,3 +228,52 @@ def test_in_memory_splits_match_the_imagefolder_splits():
     assert sizes == {'train': 55000, 'validation': 5000, 'test': 10000}
     _, val_labels = fmnist_tensors.load_split_tensors('validation')
     assert torch.bincount(val_labels).tolist() == [500] * 10  # the stratified hold-out of fmnist_data.py
+
+
+# --- the block study's rows (eval/block_study.py) ------------------------------------------------------------
+
+import block_study  # noqa: E402
+import train_fmnist  # noqa: E402
+
+
+def test_every_study_row_builds_and_the_adopted_row_is_the_default_block():
+    recipe = train_fmnist.load_recipe(train_fmnist.DEFAULT_RECIPE)
+    shapes = {}
+    for row, (model, overrides, _) in block_study.ROWS.items():
+        net = train_fmnist.build_model(model, recipe, overrides)
+        assert sum(p.numel() for p in net.parameters()) <= 500_000, row  # the nano budget
+        shapes[row] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    default = timm.create_model(MODEL)  # untagged, no weights: the current default block
+    assert shapes['ldn_v2'] == {k: tuple(v.shape) for k, v in default.state_dict().items()}
+    v1 = timm.create_model(TAG)  # the shipped tag builds its own (v1) block, which is the study's base row
+    assert shapes['ldn_base'] == {k: tuple(v.shape) for k, v in v1.state_dict().items()}
+
+
+def test_study_commands_resume_and_run_one_thread_each():
+    cmd = block_study._command('final', 'ldn_v2', 2, 40)
+    assert cmd[cmd.index('--experiment') + 1] == 'final_ldn_v2_s2' and '--resume' in cmd
+    assert cmd[cmd.index('--threads') + 1] == '1' and cmd[cmd.index('--epochs') + 1] == '40'
+    kwargs = train_fmnist.parse_model_kwargs(cmd[cmd.index('--model-kwargs') + 1:])
+    assert kwargs == block_study.ROWS['ldn_v2'][1]
+
+
+def test_study_snapshots_travel_to_another_checkout(tmp_path, monkeypatch):
+    """save_snapshots copies an unfinished run's checkpoint + log; restore puts them back for --resume."""
+    runs, snaps = tmp_path / 'runs', tmp_path / 'checkpoints'
+    monkeypatch.setattr(block_study, 'RUNS_DIR', runs)
+    monkeypatch.setattr(block_study, 'SNAPSHOT_DIR', snaps)
+    run = runs / 'final_ldn_v2_s0'
+    run.mkdir(parents=True)
+    (run / 'last.pth.tar').write_bytes(b'epoch 7')
+    (run / 'model_best.pth.tar').write_bytes(b'epoch 6')
+    (run / 'log.csv').write_text('epoch\n0\n')
+    block_study.save_snapshots(['final_ldn_v2_s0', 'final_vit_s0'])  # a run without a checkpoint is skipped
+    assert sorted(p.name for p in (snaps / 'final_ldn_v2_s0').iterdir()) == ['best.ckpt', 'last.ckpt', 'log.csv']
+    assert not (snaps / 'final_vit_s0').exists()
+    import shutil
+    shutil.rmtree(runs)  # a fresh clone: only the committed snapshots exist
+    block_study.restore()
+    assert (run / 'last.pth.tar').read_bytes() == b'epoch 7' and (run / 'model_best.pth.tar').read_bytes() == b'epoch 6'
+    (run / 'last.pth.tar').write_bytes(b'epoch 9')  # a run that got further here is never overwritten
+    block_study.restore()
+    assert (run / 'last.pth.tar').read_bytes() == b'epoch 9'

@@ -505,7 +505,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--log-interval', type=int, default=50)
     p.add_argument('--summarize', nargs='+', metavar='RUN', help='write fmnist_results.{json,csv} + curves')
     p.add_argument('--bench', nargs='+', metavar='MODEL',
-                   help='end-to-end training throughput of these models in one process, alternating (see --bench-pipelines)')
+                   help='end-to-end training throughput of these models in one process, alternating '
+                        '(see --bench-pipelines)')
     p.add_argument('--bench-pipelines', nargs='+', choices=PIPELINES, default=list(PIPELINES))
     args = p.parse_args(argv)
     args.model_kwargs = parse_model_kwargs(args.model_kwargs)

@@ -77,7 +77,8 @@ def architecture_pre_hook(
     ckpt_dwconv = any('.mlp.dwconv.' in k for k in ckpt)
     if any(k.endswith('.mlp.fc1.weight') for k in ckpt) and ckpt_dwconv != any('.mlp.dwconv.' in k for k in own):
         from .ldn import layout_mismatch_message
-        raise CheckpointArchitectureError(f'LDN checkpoint does not fit this {cls}: ' + layout_mismatch_message(ckpt_dwconv))
+        raise CheckpointArchitectureError(
+            f'LDN checkpoint does not fit this {cls}: ' + layout_mismatch_message(ckpt_dwconv))
 
     have, want = _describe(ckpt), _describe(own)
     # only fields that change tensor shapes: torch fails on those even with strict=False, so naming them never

@@ -26,7 +26,8 @@ __all__ = [
     'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'diffusion_coefficients', 'time_step', 'border_correction',
     'primary_diffusion', 'laplacian_reference', 'positive_feature_map', 'linear_diffusion_attention',
     'softmax_diffusion_attention', 'diffusion_attention_reference', 'grid_diameter',
-    'diffusion_step', 'packed_linear_diffusion_attention', 'per_sample_diffusion_step', 'per_sample_diffusion_coefficients', 'FEATURE_MAPS', 'feature_map',
+    'diffusion_step', 'packed_linear_diffusion_attention', 'per_sample_diffusion_step',
+    'per_sample_diffusion_coefficients', 'FEATURE_MAPS', 'feature_map',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).

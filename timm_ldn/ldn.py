@@ -34,7 +34,8 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from .diffusion import (
     DEFAULT_OFFSETS, FEATURE_MAPS, diffusion_coefficients, diffusion_step, linear_diffusion_attention,
-    packed_linear_diffusion_attention, per_sample_diffusion_coefficients, per_sample_diffusion_step, softmax_diffusion_attention, stencil_basis,
+    packed_linear_diffusion_attention, per_sample_diffusion_coefficients, per_sample_diffusion_step,
+    softmax_diffusion_attention, stencil_basis,
 )
 from ._checkpoint import architecture_pre_hook
 from .hub import hub_id, resolve_pretrained_overlay, tag_model_args  # noqa: F401  hub_id: Hub repos of cfgs

@@ -277,3 +277,20 @@ def test_study_snapshots_travel_to_another_checkout(tmp_path, monkeypatch):
     (run / 'last.pth.tar').write_bytes(b'epoch 9')  # a run that got further here is never overwritten
     block_study.restore()
     assert (run / 'last.pth.tar').read_bytes() == b'epoch 9'
+
+
+def test_default_tag_is_the_v2_block_and_reproduces_its_manifest_probe():
+    """The untagged name's weights are the study's v2 model; its logits match the exporter's fingerprint."""
+    from timm_ldn import hub
+    name = MODEL + '.fmnist_v2'
+    assert timm.models.get_pretrained_cfg(MODEL).tag == 'fmnist_v2'  # the default tag
+    entry = hub.load_manifest()['weights'][name]
+    assert entry['model_args'] == {} and entry['layout_version'] == 2
+    model = timm.create_model(name, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(hub.local_weight_file(name)))).eval()
+    assert hasattr(model.blocks[0].mlp, 'dwconv')
+    with torch.no_grad():
+        logits = model(hub.probe_input(tuple(entry['input_size'])))[0]
+    top = torch.topk(logits, 5)
+    assert top.indices.tolist() == [i for i, _ in entry['probe']['top5']]
+    torch.testing.assert_close(top.values, torch.tensor([v for _, v in entry['probe']['top5']]), rtol=0, atol=1e-4)

@@ -813,19 +813,21 @@ def _cfg(url: str = '', **kwargs):
 # namespace lives in timm_ldn.hub) and a matching weights/manifest.json entry written by `ldn export`; loading
 # verifies the file's sha256 against that entry. Untagged entries below have no weights: pretrained=True on them
 # raises NoPretrainedWeightsError listing the tags that do.
+_FMNIST_CFG = dict(
+    num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation='bilinear',
+    mean=(0.2859,), std=(0.3529,),
+    label_names=('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'),
+)
 default_cfgs = generate_default_cfgs({
     'ldn_tiny': _cfg(),
     'ldn_small': _cfg(),
     'ldn_base': _cfg(),
     # 28 px grayscale (Fashion-MNIST): patch 4 -> 7x7 tokens; mean/std of the Fashion-MNIST training pixels,
-    # crop_pct 1.0 so the eval transform is the identity on 28x28 images
-    # its only tag, so also the default of 'ldn_nano_patch4_28'; trained by eval/train_fmnist.py, weights in weights/
-    'ldn_nano_patch4_28.fmnist': _cfg(
-        hf_hub_id=hub_id('ldn_nano_patch4_28.fmnist'),
-        num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation='bilinear',
-        mean=(0.2859,), std=(0.3529,),
-        label_names=('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
-                     'Ankle boot')),
+    # crop_pct 1.0 so the eval transform is the identity on 28x28 images. Weights in weights/ (shipped copies).
+    # fmnist_v2: the v2 block, 40 epochs of the block study (eval/block_study.py); first, so the default tag
+    'ldn_nano_patch4_28.fmnist_v2': _cfg(hf_hub_id=hub_id('ldn_nano_patch4_28.fmnist_v2'), **_FMNIST_CFG),
+    # fmnist: the v1 block (its manifest model_args rebuild it), 8 epochs of the earlier driver
+    'ldn_nano_patch4_28.fmnist': _cfg(hf_hub_id=hub_id('ldn_nano_patch4_28.fmnist'), **_FMNIST_CFG),
 })
 
 

@@ -300,7 +300,7 @@ class LdnBlock(nn.Module):
     def _fused_mlp_ok(self, x: torch.Tensor) -> bool:
         mlp = self.mlp
         return (type(mlp.act) is nn.GELU and mlp.act.approximate == 'none'
-                and isinstance(getattr(mlp, 'norm', None) or nn.Identity(), nn.Identity)
+                and (not hasattr(mlp, 'norm') or isinstance(mlp.norm, nn.Identity))  # DwConvMlp has no norm
                 and (not self.training or (mlp.drop1.p == 0 and mlp.drop2.p == 0))
                 and x.is_contiguous() and x.dtype == mlp.fc1.weight.dtype
                 and x.device.type in ('cpu', 'cuda') and not torch.is_autocast_enabled(x.device.type))

@@ -45,7 +45,7 @@ def _grads(fn, *inputs: torch.Tensor):
 GRIDS = [(6, 6), (5, 9), (3, 7), (2, 3), (1, 5), (9, 4)]
 
 
-@pytest.mark.parametrize('method', ['conv', 'shift', 'auto'])
+@pytest.mark.parametrize('method', ['conv', 'shift', 'sep', 'auto'])
 @pytest.mark.parametrize('height,width', GRIDS)
 def test_diffusion_step_equals_dense_laplacian(height: int, width: int, method: str) -> None:
     g = torch.Generator().manual_seed(height * 31 + width)
@@ -84,7 +84,7 @@ def test_diffusion_step_equals_dense_laplacian(height: int, width: int, method: 
         torch.testing.assert_close(gu, gr, **TOL)
 
 
-@pytest.mark.parametrize('method', ['conv', 'shift'])
+@pytest.mark.parametrize('method', ['conv', 'shift', 'sep'])
 def test_diffusion_step_keeps_constants_and_is_not_the_zero_padded_stencil(method: str) -> None:
     """Guards the border handling: a constant field is a fixed point, which zero padding would break."""
     C = 3
@@ -111,7 +111,8 @@ def _naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out
 
 
-@pytest.mark.parametrize('batch,tokens,heads,head_dim', [(2, 12, 3, 4), (1, 7, 1, 8), (3, 20, 2, 5)])
+# batch ≤ heads and batch > heads: the matmuls run per sample or per head
+@pytest.mark.parametrize('batch,tokens,heads,head_dim', [(2, 12, 3, 4), (1, 7, 1, 8), (3, 20, 2, 5), (4, 6, 1, 3)])
 def test_packed_attention_equals_reference(batch: int, tokens: int, heads: int, head_dim: int) -> None:
     g = torch.Generator().manual_seed(tokens)
     C = heads * head_dim
@@ -139,6 +140,12 @@ def test_packed_attention_equals_reference(batch: int, tokens: int, heads: int, 
         torch.testing.assert_close(g_p, g_r, **TOL)
     # the output is token-major and contiguous: what the projection reads without a copy
     assert out_p.is_contiguous()
+    # without autograd the result is written straight into the output buffer, optionally φ over the projection
+    with torch.inference_mode():
+        for inplace in (False, True):
+            out_n = packed_linear_diffusion_attention(qkv.clone(), heads, inplace=inplace)
+            torch.testing.assert_close(out_n, out_p, **TOL)
+            assert out_n.is_contiguous()
 
 
 def test_packed_attention_of_constant_values_is_zero() -> None:

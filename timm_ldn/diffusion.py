@@ -15,7 +15,7 @@ Token maps are channels-last (``B×h×w×C``) throughout, the layout the linear 
 The dense ``*_reference`` functions build the spec's matrices explicitly; they exist for tests and are
 ``O(N²)`` in memory, never use them in a model.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ __all__ = [
 DEFAULT_OFFSETS: Tuple[int, ...] = (1, 2, 4)
 NEIGHBOURS_PER_SCALE = 4  # ±d along each of the two grid axes
 MAX_STEP_FRACTION = 0.99  # largest δt as a fraction of the explicit-Euler limit
+DIFFUSION_METHODS: Tuple[str, ...] = ('auto', 'conv', 'shift', 'sep')  # implementations of diffusion_step
 
 
 def stencil_basis(
@@ -151,28 +152,35 @@ def diffusion_step(
     ``self_weight`` scales the identity: ``1`` (default) gives the step, ``0`` the update ``δt·K(H)`` alone
     (what drop-path training needs as a separate branch).
 
-    Two implementations of the same sum:
+    Three implementations of the same sum:
 
-    * ``'conv'``: the identity is folded into the stencil's centre tap, so one depthwise conv yields
+    * ``'conv'``: the identity is folded into the stencil's centre tap, so one depthwise ``k×k`` conv yields
       ``(I + δt·K_zero-padded)·H`` and the border correction is added in place on the fresh conv output (conv's
-      backward needs only its input and weight, so the in-place add is autograd-safe). One conv + one pass
-      instead of conv + two passes.
+      backward needs only its input and weight, so the in-place add is autograd-safe). One library kernel on GPU,
+      but ``k² = 81`` taps where the stencil has 13: the slowest form on CPU.
     * ``'shift'``: ``centre ⊙ H`` then one in-place ``addcmul_`` per neighbour direction on shifted slices,
-      13 taps instead of the dense k×k kernel's 81. Out-of-grid neighbours simply have no slice, and the
-      centre weight ``1 − Σ_s (#in-grid neighbours)·δt·a_s`` carries the no-flux rule. On CPU this is ~1.7x
-      faster than oneDNN's depthwise 9×9 forward and ~1.5x in forward+backward (measured, ldn_small shapes).
+      13 taps. Out-of-grid neighbours simply have no slice, and the centre weight
+      ``1 − Σ_s (#in-grid neighbours)·δt·a_s`` carries the no-flux rule. Fastest on one CPU thread, with a
+      hand-written backward; each pass is its own OpenMP region, though.
+    * ``'sep'``: the plus-shaped stencil as a ``1×k`` conv (with the centre tap) plus a ``k×1`` conv, then the
+      border correction: ``2k`` taps in 4 parallel regions.
 
-    ``'auto'`` picks ``'shift'`` on CPU when it runs single-threaded or under ``torch.compile`` (inductor fuses
-    the 13 taps into one loop), and ``'conv'`` otherwise: with 2+ threads each of the 13 in-place passes is its
-    own OpenMP parallel region with a barrier, and on shared cores a barrier waits for a descheduled sibling; the
-    conv is one region (measured on 2 loaded cores, ldn_small vs DeiT-S: 0.60× → 0.71× at 224 px b8, 1.29× → 1.52×
-    at 1024 px b1). On GPU it is one fused library kernel.
+    ``'auto'`` picks ``'conv'`` on GPU; on CPU ``'shift'`` single-threaded or under ``torch.compile`` /
+    TorchScript (inductor fuses the 13 taps into one loop), ``'sep'`` otherwise: on an idle machine ``'sep'``
+    is the fastest with 2+ threads and ``'shift'`` on one thread, forward and forward + backward, and ``'conv'``
+    the slowest everywhere (``python eval/diffusion_forms.py`` -> ``eval/results/diffusion_forms.md``).
+    Tracing exporters get ``'conv'`` for ``'shift'``.
     """
     # tracing exporters (ONNX, jit.trace, torch.export) would freeze the shifted slices' bounds to the example
     # grid and silently give wrong results at other sizes: they always get the shape-generic conv form
-    if (method == 'shift' or (method == 'auto' and x.device.type == 'cpu' and _prefer_shifted_step())) \
-            and not _exporting():
+    if method not in ('auto', 'conv', 'shift', 'sep'):  # = DIFFUSION_METHODS (TorchScript takes no global tuple)
+        raise ValueError('diffusion method must be one of auto, conv, shift, sep; got ' + method + '.')
+    if method == 'auto':
+        method = _auto_method(x)
+    if method == 'shift' and not _exporting():
         return _shifted_diffusion_step(x, coef, offsets, self_weight)
+    if method == 'sep':
+        return _separable_diffusion_step(x, coef, basis, offsets, self_weight)
     B, H, W, C = x.shape
     size = basis.shape[-1]
     radius = (size - 1) // 2
@@ -182,6 +190,23 @@ def diffusion_step(
     weight = (weight + self_weight * identity).reshape(C, 1, size, size).to(x.dtype)
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=radius, groups=C).permute(0, 2, 3, 1)
     return y.addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
+
+
+def _separable_diffusion_step(
+        x: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor, offsets: List[int], self_weight: float) -> torch.Tensor:
+    """The plus-shaped stencil as a ``1×k`` and a ``k×1`` depthwise conv: ``2k`` taps instead of ``k²``."""
+    B, H, W, C = x.shape
+    size = basis.shape[-1]
+    radius = (size - 1) // 2
+    weight = (coef.t() @ basis.reshape(basis.shape[0], -1)).reshape(C, size, size)
+    centre = (torch.arange(size, device=x.device) == radius).to(weight.dtype)
+    # the centre tap (identity and −4Σδt·a_s) rides in the row conv; the column conv skips it
+    row = (weight[:, radius, :] + self_weight * centre).reshape(C, 1, 1, size).to(x.dtype)
+    col = (weight[:, :, radius] * (1. - centre)).reshape(C, 1, size, 1).to(x.dtype)
+    xc = x.permute(0, 3, 1, 2)  # channels_last view: no layout copy
+    y = F.conv2d(xc, row, padding=(0, radius), groups=C)
+    y = y + F.conv2d(xc, col, padding=(radius, 0), groups=C)
+    return y.permute(0, 2, 3, 1).addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
 
 
 def per_sample_diffusion_step(
@@ -214,8 +239,15 @@ def per_sample_diffusion_step(
     return y
 
 
+def _auto_method(x: torch.Tensor) -> str:
+    """GPU: the dense conv (one library kernel). CPU: the shifted step on one thread or under a compiler (which
+    fuses its taps), the separable convs with 2+ threads (4 parallel regions instead of 14)."""
+    if x.device.type != 'cpu':
+        return 'conv'
+    return 'shift' if _prefer_shifted_step() else 'sep'
+
+
 def _prefer_shifted_step() -> bool:
-    """CPU: the shifted step unless eager ops run multi-threaded (then each of its passes is a parallel region)."""
     if torch.jit.is_scripting():
         return True
     else:
@@ -431,6 +463,13 @@ def _exporting() -> bool:
         return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
+def _compiling() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.compiler.is_compiling()
+
+
 def _in_onnx_export() -> bool:
     """``torch.onnx.is_in_onnx_export()`` that TorchScript can compile (the call itself is not scriptable)."""
     if torch.jit.is_scripting():
@@ -449,10 +488,11 @@ def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int, inplace
     * the normaliser ``φ(K)ᵀ1`` rides along as an extra column of ``φ(K)ᵀV`` (a ``d×(d+1)`` matrix per head),
       so ``φ(Q)`` is read by a single batched matmul that yields numerator and denominator together;
     * the ``1/N`` scale is applied to that tiny matrix instead of to ``φ(K)``;
-    * the last elementwise op takes ``v`` (a view of the projection in token-major order) as its first operand,
-      so its output is allocated token-major and ``(B, heads, N, d) -> (B, N, C)`` is a free view; that op
-      computes ``v − num/den`` (the operand order fixes the sign), flipped back by an in-place negation, which
-      is exact and far cheaper than the transposing copy it replaces.
+    * q, k and v stay strided views of the projection: the batched matmuls run per sample (or per head), where
+      each matrix is one BLAS-readable stride, instead of a 4-D matmul that would copy all three first;
+    * the last elementwise op writes ``v − num/den`` token-major, into its slice of the ``(B, N, C)`` output
+      without autograd (one stack assembles it with autograd), and one in-place negation flips the sign: exact,
+      and far cheaper than a transposing copy.
 
     Args:
         qkv: ``(B, N, 3C)`` output of the qkv projection, ``[q | k | v]`` with heads contiguous in each third.
@@ -471,19 +511,47 @@ def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int, inplace
         qk = qk.clamp_min_(0.).add_(e)  # = positive_feature_map(qk), written over the projection
     else:
         qk = positive_feature_map(qk)
-    qk = qk.view(B, N, 2, num_heads, d).permute(2, 0, 3, 1, 4)
-    q, k = qk[0], qk[1]  # (B, heads, N, d) views
-    v = qkv[..., 2 * C:].view(B, N, num_heads, d).transpose(1, 2)  # (B, heads, N, d) view, token-major memory
-    kv = torch.cat([k.transpose(-2, -1) @ v, k.sum(-2).unsqueeze(-1)], dim=-1) * (1. / N)  # (B, heads, d, d+1)
-    y = q @ kv  # (B, heads, N, d+1): [φ(Q)φ(K)ᵀV | φ(Q)φ(K)ᵀ1] / N
-    # v − num/den = −A_diff, allocated token-major because v leads; addcdiv's backward never reads its output,
-    # so the in-place negation is autograd-safe
-    # (not written over v: a strided result would send the projection down matmul + a separate bias pass)
-    if _in_onnx_export():  # TorchScript ONNX exporter (timm's onnx_export.py default) lacks addcdiv
-        a = y[..., :d] / y[..., d:] - v
-    else:
-        a = torch.addcdiv(v, y[..., :d], y[..., d:], value=-1.).neg_()
-    return a.transpose(1, 2).reshape(B, N, C)
+    q = qk[..., :C].view(B, N, num_heads, d)  # token-major views: (b, h) is not one stride, so no 4-D matmul
+    k = qk[..., C:].view(B, N, num_heads, d)
+    v = qkv[..., 2 * C:].view(B, N, num_heads, d)
+    k_sum = k.sum(1)  # (B, heads, d): φ(K)ᵀ1 of every head at once
+    # Each (sample, head) matrix is a strided view the BLAS reads as is; a 4-D matmul would first flatten (b, h)
+    # into one batch dim, which these strides do not allow, and so copy q, k and v. Batched matmuls over the
+    # smaller of the two dims take the views directly (one bmm per sample, or per head).
+    # traced or compiled graphs unroll this loop: there it runs over heads, which the batch size cannot change
+    # (graphs also get no out= into strided views, which dynamo does not take)
+    eager = not _exporting() and not _compiling()
+    per_sample = eager and B <= num_heads  # no batch-size guard in graphs
+    groups = B if per_sample else num_heads
+    onnx = _in_onnx_export()
+    out: Optional[torch.Tensor] = None
+    if eager and not torch.is_grad_enabled():
+        out = torch.empty(B, N, C, dtype=qkv.dtype, device=qkv.device)
+    parts: List[torch.Tensor] = []
+    for i in range(groups):
+        if per_sample:  # (heads, N, d) views of sample i
+            q_g, k_g, v_g, ks_g = q[i].transpose(0, 1), k[i].transpose(0, 1), v[i].transpose(0, 1), k_sum[i]
+        else:  # (B, N, d) views of head i
+            q_g, k_g, v_g, ks_g = q[:, :, i], k[:, :, i], v[:, :, i], k_sum[:, i]
+        # [φ(K)ᵀV | φ(K)ᵀ1] / N: (G, d, d+1); the normaliser rides along as an extra column
+        kv = torch.cat([torch.bmm(k_g.transpose(1, 2), v_g), ks_g.unsqueeze(-1)], dim=-1) * (1. / N)
+        y = torch.bmm(q_g, kv)  # (G, N, d+1): numerator and denominator of every token in one matmul
+        if out is not None:  # no autograd: written straight into its slice of the token-major output
+            o = out.view(B, N, num_heads, d)
+            o_g = o[i].transpose(0, 1) if per_sample else o[:, :, i]
+            torch.addcdiv(v_g, y[..., :d], y[..., d:], value=-1., out=o_g)  # v − num/den = −A_diff
+        else:
+            if onnx:  # TorchScript ONNX exporter (timm's onnx_export.py default) lacks addcdiv
+                a = y[..., :d] / y[..., d:] - v_g  # A_diff itself
+            else:
+                a = torch.addcdiv(v_g, y[..., :d], y[..., d:], value=-1.)
+            parts.append(a.transpose(0, 1) if per_sample else a)
+    if out is None:  # autograd: one stack assembles (B, N, heads, d) token-major
+        out = torch.stack(parts, dim=0 if per_sample else 2).reshape(B, N, C)
+        if onnx:
+            return out
+    # −A_diff → A_diff in place: exact, one pass (addcdiv's backward never reads its output: autograd-safe)
+    return out.neg_()
 
 
 def softmax_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

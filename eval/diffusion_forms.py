@@ -1,0 +1,100 @@
+"""Time the three implementations of the primary-diffusion step (``diffusion_step``'s ``method``) on CPU.
+
+    python eval/diffusion_forms.py            # 1 thread and all cores -> eval/results/diffusion_forms.{md,json}
+
+ldn_small's shapes (C=384, offsets 1, 2, 4) at 224 px batch 8, 512 px batch 2 and 1024 px batch 1; forward under
+``inference_mode`` and forward + backward (gradients for the tokens and the coefficients). Best of 5 rounds,
+wall clock. Run it on an idle machine: on shared cores the multi-threaded figures measure the neighbours.
+This is what ``method='auto'`` is chosen from.
+"""
+import argparse
+import json
+import os
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+from timm_ldn.diffusion import DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, stencil_basis
+
+METHODS = ('conv', 'shift', 'sep')
+CASES = ((224, 8), (512, 2), (1024, 1))
+
+
+def best_ms(fn: Callable[[], object], iters: int, rounds: int = 5) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        times.append((time.perf_counter() - start) / iters * 1e3)
+    return min(times)
+
+
+def measure(threads: int, channels: int = 384, patch: int = 16) -> List[Dict[str, object]]:
+    torch.set_num_threads(threads)
+    offsets = list(DEFAULT_OFFSETS)
+    basis = stencil_basis(offsets)
+    gen = torch.Generator().manual_seed(0)
+    coef = diffusion_coefficients(0.1 * torch.randn(len(offsets), channels, generator=gen),
+                                  torch.full((channels,), -1.))
+    rows = []
+    for res, batch in CASES:
+        shape = (batch, res // patch, res // patch, channels)
+        x = torch.randn(shape, generator=gen)
+        grad = torch.randn(shape, generator=gen)
+        xg = x.clone().requires_grad_()
+        cg = coef.clone().requires_grad_()
+        row: Dict[str, object] = dict(threads=threads, resolution=res, batch=batch, grid=res // patch)
+        for m in METHODS:
+            def fwd(m=m):
+                with torch.inference_mode():
+                    diffusion_step(x, coef, basis, offsets, m)
+
+            def fwd_bwd(m=m):
+                diffusion_step(xg, cg, basis, offsets, m).backward(grad)
+            row[f'{m}_fwd_ms'] = round(best_ms(fwd, 20), 3)
+            row[f'{m}_fwd_bwd_ms'] = round(best_ms(fwd_bwd, 10), 3)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown(rows: List[Dict[str, object]]) -> str:
+    lines = ['# Primary-diffusion step: conv vs shift vs sep (ms, best of 5, wall clock)', '',
+             'Regenerate on an idle machine: `python eval/diffusion_forms.py`. ldn_small shapes (C=384, offsets '
+             '1, 2, 4); `auto` picks `shift` on one thread and `sep` with more.', '',
+             '| threads | px | batch | grid | ' + ' | '.join(f'{m} fwd' for m in METHODS) + ' | '
+             + ' | '.join(f'{m} fwd+bwd' for m in METHODS) + ' |',
+             '|---' * (4 + 2 * len(METHODS)) + '|']
+    for r in rows:
+        fwd = [r[f'{m}_fwd_ms'] for m in METHODS]
+        fb = [r[f'{m}_fwd_bwd_ms'] for m in METHODS]
+        cells = [f'**{v:.2f}**' if v == min(fwd) else f'{v:.2f}' for v in fwd]
+        cells += [f'**{v:.2f}**' if v == min(fb) else f'{v:.2f}' for v in fb]
+        lines.append(f"| {r['threads']} | {r['resolution']} | {r['batch']} | {r['grid']}×{r['grid']} | "
+                     + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out-dir', default=os.path.join(os.path.dirname(__file__), 'results'))
+    args = parser.parse_args()
+    all_cores = len(os.sched_getaffinity(0))
+    rows = []
+    for threads in sorted({1, all_cores}):
+        rows += measure(threads)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, 'diffusion_forms.json'), 'w') as f:
+        json.dump(dict(rows=rows, torch=torch.__version__, cores=all_cores,
+                       date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())), f, indent=1)
+    with open(os.path.join(args.out_dir, 'diffusion_forms.md'), 'w') as f:
+        f.write(markdown(rows))
+    print('wrote', os.path.join(args.out_dir, 'diffusion_forms.md'))
+
+
+if __name__ == '__main__':
+    main()

@@ -2,9 +2,15 @@
 
     python eval/diffusion_forms.py            # 1 thread and all cores -> eval/results/diffusion_forms.{md,json}
 
-ldn_small's shapes (C=384, offsets 1, 2, 4) at 224 px batch 8, 512 px batch 2 and 1024 px batch 1; forward under
-``inference_mode`` and forward + backward (gradients for the tokens and the coefficients). Best of 5 rounds,
-wall clock. Run it on an idle machine: on shared cores the multi-threaded figures measure the neighbours.
+Two views, both wall clock on an idle machine (on shared cores the multi-threaded figures measure the neighbours):
+
+* the step alone, ldn_small's shapes (C=384, offsets 1, 2, 4) at 224 px batch 8, 512 px batch 2 and 1024 px
+  batch 1; forward under ``inference_mode`` and forward + backward (gradients for tokens and coefficients),
+  best of 5 rounds;
+* the whole ldn_small with every block on one form, the forms alternating in one process (inference at the three
+  sizes, training step at 224 px batch 8), median of 5 rounds: what decides, since in the model the step's
+  input and output share the caches with everything around them.
+
 This is what ``method='auto'`` is chosen from.
 """
 import argparse
@@ -62,10 +68,64 @@ def measure(threads: int, channels: int = 384, patch: int = 16) -> List[Dict[str
     return rows
 
 
+def measure_model(threads: int, rounds: int = 5) -> List[Dict[str, object]]:
+    """ldn_small inference (and one training step) with every block's diffusion on each form, alternating."""
+    import statistics
+
+    import timm
+    import torch.nn.functional as F
+
+    import timm_ldn  # noqa: F401  registers ldn_*
+    torch.set_num_threads(threads)
+    rows = []
+    for res, batch, train in ((224, 8, False), (512, 2, False), (1024, 1, False), (224, 8, True)):
+        model = timm.create_model('ldn_small', img_size=res)
+        x = torch.randn(batch, 3, res, res)
+        y = torch.randint(0, 1000, (batch,))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train(train)
+
+        def call(method: str) -> None:
+            for module in model.modules():
+                if hasattr(module, 'method'):
+                    module.method = method
+            if train:
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            else:
+                with torch.inference_mode():
+                    model(x)
+        for m in METHODS:
+            call(m)
+        times: Dict[str, List[float]] = {m: [] for m in METHODS}
+        for r in range(rounds):
+            for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
+                start = time.perf_counter()
+                call(m)
+                times[m].append((time.perf_counter() - start) * 1e3)
+        row: Dict[str, object] = dict(threads=threads, resolution=res, batch=batch,
+                                      task='training step' if train else 'inference')
+        row.update({f'{m}_ms': round(statistics.median(times[m]), 1) for m in METHODS})
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown_model(rows: List[Dict[str, object]]) -> str:
+    lines = ['', '## ldn_small with every block on one form (ms per call, median of 5 alternating rounds)', '',
+             '| threads | task | px | batch | ' + ' | '.join(METHODS) + ' |', '|---' * (4 + len(METHODS)) + '|']
+    for r in rows:
+        vals = [r[f'{m}_ms'] for m in METHODS]
+        cells = [f'**{v:.1f}**' if v == min(vals) else f'{v:.1f}' for v in vals]
+        lines.append(f"| {r['threads']} | {r['task']} | {r['resolution']} | {r['batch']} | " + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
 def markdown(rows: List[Dict[str, object]]) -> str:
     lines = ['# Primary-diffusion step: conv vs shift vs sep (ms, best of 5, wall clock)', '',
              'Regenerate on an idle machine: `python eval/diffusion_forms.py`. ldn_small shapes (C=384, offsets '
-             '1, 2, 4); `auto` picks `shift` on one thread and `sep` with more.', '',
+             '1, 2, 4). `auto` picks `shift` on CPU (eager), `conv` for compiled CPU inference and on GPU.', '',
              '| threads | px | batch | grid | ' + ' | '.join(f'{m} fwd' for m in METHODS) + ' | '
              + ' | '.join(f'{m} fwd+bwd' for m in METHODS) + ' |',
              '|---' * (4 + 2 * len(METHODS)) + '|']
@@ -84,15 +144,17 @@ def main() -> None:
     parser.add_argument('--out-dir', default=os.path.join(os.path.dirname(__file__), 'results'))
     args = parser.parse_args()
     all_cores = len(os.sched_getaffinity(0))
-    rows = []
+    rows, model_rows = [], []
     for threads in sorted({1, all_cores}):
         rows += measure(threads)
+    for threads in sorted({1, all_cores}):
+        model_rows += measure_model(threads)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, 'diffusion_forms.json'), 'w') as f:
-        json.dump(dict(rows=rows, torch=torch.__version__, cores=all_cores,
+        json.dump(dict(rows=rows, model_rows=model_rows, torch=torch.__version__, cores=all_cores,
                        date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())), f, indent=1)
     with open(os.path.join(args.out_dir, 'diffusion_forms.md'), 'w') as f:
-        f.write(markdown(rows))
+        f.write(markdown(rows) + markdown_model(model_rows))
     print('wrote', os.path.join(args.out_dir, 'diffusion_forms.md'))
 
 

@@ -165,10 +165,12 @@ def diffusion_step(
     * ``'sep'``: the plus-shaped stencil as a ``1×k`` conv (with the centre tap) plus a ``k×1`` conv, then the
       border correction: ``2k`` taps in 4 parallel regions.
 
-    ``'auto'`` picks ``'conv'`` on GPU; on CPU ``'shift'`` single-threaded or under ``torch.compile`` /
-    TorchScript (inductor fuses the 13 taps into one loop), ``'sep'`` otherwise: on an idle machine ``'sep'``
-    is the fastest with 2+ threads and ``'shift'`` on one thread, forward and forward + backward, and ``'conv'``
-    the slowest everywhere (``python eval/diffusion_forms.py`` -> ``eval/results/diffusion_forms.md``).
+    ``'auto'`` picks ``'conv'`` on GPU and for compiled CPU inference, ``'shift'`` otherwise on CPU. Measured on an
+    idle 2-core machine (``python eval/diffusion_forms.py`` -> ``eval/results/diffusion_forms.md``): ``'conv'`` is
+    the slowest eager CPU form (forward + backward 3–6× the others); ``'shift'`` is the fastest forward + backward
+    at 1 and 2 threads, and in the whole ldn_small it ties ``'sep'`` at 224 / 1024 px inference and wins the
+    training step. (An earlier rule sent 2+ threads to ``'conv'``: on busy shared cores each of the shifted
+    step's passes waits at a barrier for a descheduled thread, but on an idle machine that rule was the slowest.)
     Tracing exporters get ``'conv'`` for ``'shift'``.
     """
     # tracing exporters (ONNX, jit.trace, torch.export) would freeze the shifted slices' bounds to the example
@@ -240,18 +242,14 @@ def per_sample_diffusion_step(
 
 
 def _auto_method(x: torch.Tensor) -> str:
-    """GPU: the dense conv (one library kernel). CPU: the shifted step on one thread or under a compiler (which
-    fuses its taps), the separable convs with 2+ threads (4 parallel regions instead of 14)."""
+    """GPU: the dense conv (one library kernel). CPU: the shifted step, except compiled inference, which takes the
+    conv (inductor's loop for the 13 in-place slice updates was slower than eager: ldn_small 224 px b8 on 1 thread,
+    compiled shift 1637 ms, sep 1386, conv 1348, eager 1522). See ``eval/results/diffusion_forms.md`` for eager."""
     if x.device.type != 'cpu':
         return 'conv'
-    return 'shift' if _prefer_shifted_step() else 'sep'
-
-
-def _prefer_shifted_step() -> bool:
-    if torch.jit.is_scripting():
-        return True
-    else:
-        return torch.compiler.is_compiling() or torch.get_num_threads() == 1
+    if _compiling() and not torch.is_grad_enabled():
+        return 'conv'
+    return 'shift'
 
 
 @torch.jit.unused

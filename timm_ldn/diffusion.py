@@ -27,7 +27,7 @@ __all__ = [
     'primary_diffusion', 'laplacian_reference', 'positive_feature_map', 'linear_diffusion_attention',
     'softmax_diffusion_attention', 'diffusion_attention_reference', 'grid_diameter',
     'diffusion_step', 'packed_linear_diffusion_attention', 'per_sample_diffusion_step',
-    'per_sample_diffusion_coefficients', 'FEATURE_MAPS', 'feature_map',
+    'per_sample_diffusion_coefficients', 'FEATURE_MAPS', 'feature_map', 'DIFFUSION_METHODS',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
@@ -195,7 +195,12 @@ def diffusion_step(
 
 
 def _separable_diffusion_step(
-        x: torch.Tensor, coef: torch.Tensor, basis: torch.Tensor, offsets: List[int], self_weight: float) -> torch.Tensor:
+        x: torch.Tensor,
+        coef: torch.Tensor,
+        basis: torch.Tensor,
+        offsets: List[int],
+        self_weight: float,
+) -> torch.Tensor:
     """The plus-shaped stencil as a ``1×k`` and a ``k×1`` depthwise conv: ``2k`` taps instead of ``k²``."""
     B, H, W, C = x.shape
     size = basis.shape[-1]
@@ -243,8 +248,9 @@ def per_sample_diffusion_step(
 
 def _auto_method(x: torch.Tensor) -> str:
     """GPU: the dense conv (one library kernel). CPU: the shifted step, except compiled inference, which takes the
-    conv (inductor's loop for the 13 in-place slice updates was slower than eager: ldn_small 224 px b8 on 1 thread,
-    compiled shift 1637 ms, sep 1386, conv 1348, eager 1522). See ``eval/results/diffusion_forms.md`` for eager."""
+    conv: inductor's loop for the 13 in-place slice updates ran slower than eager (one check, ldn_small 224 px b8,
+    1 thread on a busy machine: compiled shift 1637 ms, sep 1386, conv 1348, eager 1522; the compile table in
+    ``eval/results/benchmark_cpu_compile.md`` is with this rule). Eager forms: ``eval/results/diffusion_forms.md``."""
     if x.device.type != 'cpu':
         return 'conv'
     if _compiling() and not torch.is_grad_enabled():

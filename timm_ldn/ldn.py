@@ -88,7 +88,8 @@ class PrimaryDiffusion(nn.Module):
         self.input_dt = dt_mode == 'input'
         self.tau_proj = nn.Linear(dim, dim, device=device, dtype=dtype) if self.input_dt else nn.Identity()
         self.register_buffer('basis', stencil_basis(offsets, device=device), persistent=False)
-        # implementation of the fused step ('auto' | 'conv' | 'shift', see diffusion_step); not in the state dict
+        # implementation of the fused step ('auto' | 'conv' | 'shift' | 'sep', see diffusion_step);
+        # not in the state dict
         self.method: str = 'auto'
 
     def init_non_persistent_buffers(self) -> None:

@@ -396,13 +396,18 @@ def summarize(names: List[str]) -> None:
     print(json.dumps(out, indent=2))
 
 
-def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20, rounds: int = 5) -> Dict[str, Any]:
+def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20, rounds: int = 5,
+          variants: Optional[Dict[str, Tuple[str, Dict[str, Any]]]] = None,
+          reference: Optional[str] = None) -> Dict[str, Any]:
     """End-to-end training throughput (input pipeline + step) of models × input pipelines, in one process.
 
     Every (model, pipeline) pair runs ``steps`` real training steps per round (same step as ``train``: recipe
     batch, bf16 autocast, label smoothing, clip, AdamW, EMA) on the real training split, the pairs alternating
     within each round so they share the machine's state; reports the median img/s per pair and the medians of
     per-round ratios (this machine is shared and noisy).
+
+    ``variants`` maps a name to ``(model, architecture overrides)`` (block-study rows); other names are models.
+    With ``reference``, every name also gets its median per-round img/s ratio to that name, per pipeline.
     """
     import statistics
     recipe = load_recipe(DEFAULT_RECIPE)
@@ -414,7 +419,8 @@ def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20,
     state = {}
     for name in names:
         for pipeline in pipelines:
-            model = build_model(name, recipe).train()
+            model_name, overrides = (variants or {}).get(name, (name, None))
+            model = build_model(model_name, recipe, overrides).train()
             opt = create_optimizer_v2(model, opt=recipe['opt'], lr=recipe['lr'], weight_decay=recipe['weight_decay'])
             batches = make_batches(recipe, recipe['train_split'], True, recipe['batch_size'], pipeline)
             state[(name, pipeline)] = (model, opt, ModelEmaV3(model, decay=recipe['model_ema_decay']), iter(batches))
@@ -451,6 +457,10 @@ def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20,
             n: median_ratio((n, pipelines[0]), (n, pipelines[1])) for n in names}
     if len(names) > 1:  # first model over second, per pipeline
         out['model_ratio'] = {p: median_ratio((names[0], p), (names[1], p)) for p in pipelines}
+    if reference is not None:
+        out['reference'] = reference
+        out['ratio_vs_reference'] = {
+            f'{n}/{p}': median_ratio((n, p), (reference, p)) for n in names for p in pipelines}
     print(json.dumps({k: v for k, v in out.items() if k != 'img_s_per_round'}, indent=2))
     return out
 

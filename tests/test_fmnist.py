@@ -294,3 +294,25 @@ def test_default_tag_is_the_v2_block_and_reproduces_its_manifest_probe():
     top = torch.topk(logits, 5)
     assert top.indices.tolist() == [i for i, _ in entry['probe']['top5']]
     torch.testing.assert_close(top.values, torch.tensor([v for _, v in entry['probe']['top5']]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not fmnist_data.DEFAULT_SRC.is_dir(), reason='dataset-fashion-mnist not installed')
+def test_study_speed_times_each_row_as_built_against_the_vit(tmp_path, monkeypatch):
+    """``block_study.py speed`` trains every row with its own overrides and reports ratios to the ViT it adds."""
+    monkeypatch.setattr(block_study, 'STUDY_DIR', tmp_path)
+    monkeypatch.setattr(block_study, 'SPEED_PATH', tmp_path / 'train_speed.json')
+    built = []
+    real_build = train_fmnist.build_model
+
+    def spy(name, recipe, overrides=None):
+        built.append((name, overrides))
+        return real_build(name, recipe, overrides)
+
+    monkeypatch.setattr(train_fmnist, 'build_model', spy)
+    out = block_study.speed(['ldn_no_adiff'], threads=1, steps=1, rounds=1)
+    assert built == [('vit_nano_patch4_28', {}), (MODEL, block_study.ROWS['ldn_no_adiff'][1])]
+    assert list(out['rows']) == ['vit', 'ldn_no_adiff'] and out['rows']['vit']['ratio_vs_vit'] == 1.
+    assert out['rows']['ldn_no_adiff']['img_s'] > 0
+    saved = json.loads((tmp_path / 'train_speed.json').read_text())
+    assert saved['rows']['ldn_no_adiff']['ratio_vs_vit'] == out['rows']['ldn_no_adiff']['ratio_vs_vit']
+    assert '| ldn_no_adiff |' in (tmp_path / 'train_speed.md').read_text()

@@ -300,7 +300,6 @@ def test_default_tag_is_the_v2_block_and_reproduces_its_manifest_probe():
 def test_study_speed_times_each_row_as_built_against_the_vit(tmp_path, monkeypatch):
     """``block_study.py speed`` trains every row with its own overrides and reports ratios to the ViT it adds."""
     monkeypatch.setattr(block_study, 'STUDY_DIR', tmp_path)
-    monkeypatch.setattr(block_study, 'SPEED_PATH', tmp_path / 'train_speed.json')
     built = []
     real_build = train_fmnist.build_model
 
@@ -313,6 +312,6 @@ def test_study_speed_times_each_row_as_built_against_the_vit(tmp_path, monkeypat
     assert built == [('vit_nano_patch4_28', {}), (MODEL, block_study.ROWS['ldn_no_adiff'][1])]
     assert list(out['rows']) == ['vit', 'ldn_no_adiff'] and out['rows']['vit']['ratio_vs_vit'] == 1.
     assert out['rows']['ldn_no_adiff']['img_s'] > 0
-    saved = json.loads((tmp_path / 'train_speed.json').read_text())
+    saved = json.loads((tmp_path / 'train_speed_1thread.json').read_text())
     assert saved['rows']['ldn_no_adiff']['ratio_vs_vit'] == out['rows']['ldn_no_adiff']['ratio_vs_vit']
-    assert '| ldn_no_adiff |' in (tmp_path / 'train_speed.md').read_text()
+    assert '| ldn_no_adiff |' in (tmp_path / 'train_speed_1thread.md').read_text()

@@ -5,7 +5,8 @@ schedule and EMA for every row; only the architecture differs). Model selection 
 the test split is touched once per run, at its end, by ``train_fmnist.final_test``.
 
     python eval/block_study.py run --stage screen            # short proxy schedule, one seed, all rows
-    python eval/block_study.py run --stage final --rows ldn_adopted vit resnet --seeds 0 1 2
+    python eval/block_study.py run --stage final --rows ldn_v2 vit --seeds 0 1 2
+    python eval/block_study.py speed --threads 1             # rows' training img/s vs the ViT in one process
     python eval/block_study.py report                        # table (csv/json/md), curves, top-1 vs MACs plot
 
 ``run`` skips finished runs and resumes unfinished ones from their last checkpoint (``--resume``), so killing it
@@ -163,7 +164,8 @@ def speed_path(threads: int) -> Path:
     return STUDY_DIR / f'train_speed_{threads}thread.json'
 
 
-# rows whose controlled training speed explains the LDN/ViT gap term by term (the adopted block minus one part each)
+# rows whose controlled training speed splits the LDN/ViT gap into its terms: v2 vs v1 is the depthwise conv, v1 vs
+# v1 without K (or A_diff) that term; the softmax row prices the exact kernel
 SPEED_ROWS = ['vit', 'resnet', 'ldn_v2', 'ldn_base', 'ldn_no_k', 'ldn_no_adiff', 'ldn_softmax']
 
 

@@ -33,33 +33,9 @@ STUDY_DIR = RESULTS_DIR / 'block_study'
 # run file -> committed snapshot name (not *.pth.tar, which .gitignore keeps out)
 SNAPSHOT_FILES = (('last.pth.tar', 'last.ckpt'), ('log.csv', 'log.csv'), ('model_best.pth.tar', 'best.ckpt'))
 
-LDN = 'ldn_nano_patch4_28'
-# the block the study started from (parameter layout v1); rows spell it out, since the default block changed
-V1 = {'mlp_dwconv': False, 'mlp_ratio': 4.}
-# row -> (model, architecture overrides, what the row measures). Overrides are LinearDiffusionNet arguments.
-ROWS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
-    'ldn_base': (LDN, dict(V1),
-                 "today's block: K on the stream, elu+1 A_diff, MLP F, patch stem, dt at 27% of the bound"),
-    'ldn_dwconv': (LDN, {**V1, 'mlp_dwconv': True}, 'F with a 3x3 depthwise conv on the hidden layer'),
-    'ldn_overlap_stem': (LDN, {**V1, 'stem_type': 'overlap'}, 'overlapping conv stem (two 3x3 stride-2 convs)'),
-    'ldn_dt_small_init': (LDN, {**V1, 'tau_init': -6.}, 'dt starts near 0 (0.25% of the bound) instead of 27%'),
-    'ldn_dt_large_init': (LDN, {**V1, 'tau_init': 2.}, 'dt starts at 88% of the bound instead of 27%'),
-    'ldn_dt_input': (LDN, {**V1, 'dt_mode': 'input'}, 'input-dependent dt (tau + pooled projection)'),
-    'ldn_k_branch': (LDN, {**V1, 'diffusion_form': 'branch'}, 'primary diffusion as a pre-norm branch H + dt*K(LN(H))'),
-    'ldn_phi_relu': (LDN, {**V1, 'attn_feature_map': 'relu'}, 'A_diff with phi = relu + 1e-3'),
-    'ldn_phi_softplus': (LDN, {**V1, 'attn_feature_map': 'softplus'}, 'A_diff with phi = softplus'),
-    'ldn_softmax': (LDN, {**V1, 'attn_kernel': 'softmax'}, 'A_diff with the exact softmax kernel (quadratic)'),
-    'ldn_no_adiff': (LDN, {**V1, 'attn_kernel': 'none'}, 'ablation: A_diff removed'),
-    'ldn_no_k': (LDN, {**V1, 'diffusion_form': 'none'}, 'ablation: primary diffusion K removed'),
-    # candidates combining the screening winners; MLP ratio 3.875 pays for the depthwise conv (MACs <= the ViT's)
-    'ldn_v2': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875}, 'candidate: dwconv in F, MLP ratio 3.875'),
-    'ldn_v2_branch': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875, 'diffusion_form': 'branch'},
-                      'candidate: dwconv in F, MLP ratio 3.875, K as a pre-norm branch'),
-    'ldn_v2_overlap': (LDN, {'mlp_dwconv': True, 'mlp_ratio': 3.875, 'stem_type': 'overlap'},
-                       'candidate: dwconv in F, MLP ratio 3.875, overlapping stem (over the MAC budget)'),
-    'vit': ('vit_nano_patch4_28', {}, 'baseline: timm ViT, same patch/width/depth/heads'),
-    'resnet': ('resnet_nano_28', {}, 'baseline: timm ResNet-10-T narrowed to the same params'),
-}
+sys.path.insert(0, str(EVAL_DIR))
+from study_models import ROWS  # noqa: E402  every row: model + layer-type overrides + what it measures
+
 # schedules: the short screening proxy and the convergence run (epochs override the recipe's)
 STAGES = {'screen': 5, 'final': 40}
 
@@ -73,12 +49,9 @@ def _result_path(exp: str) -> Path:
 
 
 def _command(stage: str, row: str, seed: int, epochs: int, threads: int = 1) -> List[str]:
-    model, overrides, _ = ROWS[row]
-    cmd = [sys.executable, str(EVAL_DIR / 'train_fmnist.py'), '--model', model, '--experiment',
+    cmd = [sys.executable, str(EVAL_DIR / 'train_fmnist.py'), '--model', row, '--experiment',
            experiment_name(stage, row, seed), '--seed', str(seed), '--epochs', str(epochs), '--threads', str(threads),
            '--resume', '--log-interval', '0']
-    if overrides:
-        cmd += ['--model-kwargs'] + [f'{k}={json.dumps(v)}' for k, v in overrides.items()]
     return cmd
 
 
@@ -153,9 +126,8 @@ def row_cost(row: str) -> Dict[str, float]:
     """Params and GMACs of a row's model at 28 px, counted now with the project's one counter (meta device)."""
     sys.path.insert(0, str(EVAL_DIR))
     import train_fmnist
-    model, overrides, _ = ROWS[row]
     recipe = train_fmnist.load_recipe(train_fmnist.DEFAULT_RECIPE)
-    net = train_fmnist.build_model(model, recipe, overrides)
+    net = train_fmnist.build_model(row, recipe)
     return dict(params=sum(p.numel() for p in net.parameters()),
                 gmacs=train_fmnist.count_macs(net, tuple(recipe['input_size'])))
 
@@ -180,9 +152,7 @@ def speed(rows: List[str], threads: int, steps: int = 20, rounds: int = 5) -> Di
     import train_fmnist
     if 'vit' not in rows:
         rows = ['vit'] + rows
-    variants = {row: (ROWS[row][0], ROWS[row][1]) for row in rows}
-    res = train_fmnist.bench(rows, ['memory'], threads, steps=steps, rounds=rounds, variants=variants,
-                             reference='vit')
+    res = train_fmnist.bench(rows, ['memory'], threads, steps=steps, rounds=rounds, reference='vit')
     out = dict(commit=res['commit'], threads=threads, batch_size=res['batch_size'], steps=steps, rounds=rounds,
                rows={row: dict(img_s=res['img_s'][f'{row}/memory'],
                                ratio_vs_vit=res['ratio_vs_reference'][f'{row}/memory'],
@@ -197,7 +167,7 @@ def speed(rows: List[str], threads: int, steps: int = 20, rounds: int = 5) -> Di
              'per-round ratios to the ViT.', '',
              '| row | train img/s | vs ViT | what |', '|---|---|---|---|']
     for row, r in out['rows'].items():
-        lines.append(f"| {row} | {r['img_s']:.0f} | {r['ratio_vs_vit']:.2f}x | {ROWS[row][2]} |")
+        lines.append(f"| {row} | {r['img_s']:.0f} | {r['ratio_vs_vit']:.2f}x | {ROWS[row].what} |")
     path.with_suffix('.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     return out
@@ -214,7 +184,7 @@ def report() -> Dict[str, Any]:
     # the study's runs train one thread each: rank rows by the 1-thread controlled measurement
     speed_rows = json.loads(speed_path(1).read_text())['rows'] if speed_path(1).is_file() else {}
     for stage in STAGES:
-        for row, (model, overrides, what) in ROWS.items():
+        for row, spec in ROWS.items():
             runs = sorted(RESULTS_DIR.glob(f'fmnist_{stage}_{row}_s*.json'))
             if not runs:
                 continue
@@ -222,7 +192,8 @@ def report() -> Dict[str, Any]:
             top1 = [r['test_top1'] for r in res]
             cost = row_cost(row)
             table.append(dict(
-                stage=stage, row=row, model=model, overrides=overrides, what=what, seeds=[r['seed'] for r in res],
+                stage=stage, row=row, model=spec.model, overrides={k: repr(v) for k, v in spec.overrides.items()},
+                what=spec.what, seeds=[r['seed'] for r in res],
                 epochs=res[0]['epochs'], params=cost['params'], gmacs=cost['gmacs'],
                 val_top1=statistics.mean(r['val_top1'] for r in res),
                 test_top1=statistics.mean(top1), test_top1_runs=top1,

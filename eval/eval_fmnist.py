@@ -1,7 +1,7 @@
 """Evaluate shipped Fashion-MNIST weights the way a user loads them, on the 10k test set.
 
-    python eval/eval_fmnist.py                                   # ldn_nano_patch4_28.fmnist, shipped copy
-    python eval/eval_fmnist.py --file weights/ldn_nano_patch4_28.fmnist/model.safetensors
+    python eval/eval_fmnist.py                                   # ldn_nano_patch4_28.fmnist_v2, shipped copy
+    python eval/eval_fmnist.py --file weights/ldn_nano_patch4_28.fmnist_v2/model.safetensors
     python eval/eval_fmnist.py --hub                             # plain pretrained=True (Hub download)
 
 Model: ``timm.create_model(NAME, pretrained=True)``; the weight file is the sha256-verified copy in
@@ -25,7 +25,7 @@ from timm.data import create_dataset, create_transform, resolve_data_config
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 
 EVAL_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = 'ldn_nano_patch4_28.fmnist'
+DEFAULT_MODEL = 'ldn_nano_patch4_28.fmnist_v2'
 DEFAULT_DATA = EVAL_DIR / 'data' / 'fmnist'
 RESULTS_DIR = EVAL_DIR / 'results'
 
@@ -138,8 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--split', default='test')
     p.add_argument('--batch-size', type=int, default=500)
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--confusion-png', type=Path, default=RESULTS_DIR / 'fmnist_confusion.png')
-    p.add_argument('--json', type=Path, default=RESULTS_DIR / 'fmnist_eval.json')
+    p.add_argument('--confusion-png', type=Path, default=RESULTS_DIR / 'fmnist_v2_confusion.png')
+    p.add_argument('--json', type=Path, default=RESULTS_DIR / 'fmnist_v2_eval.json')
     p.add_argument('--expect', type=float, default=None, help='fail unless top-1 is within --tol of this')
     p.add_argument('--tol', type=float, default=0.1)
     p.add_argument('--write-samples', type=Path, metavar='DIR', help='also bundle demo samples (weights/samples)')

@@ -13,7 +13,7 @@ What it measures, per model pair (LDN and the DeiT of the same size, created wit
 * throughput (images/s) at the given batch, models alternating round by round, median and min–max over rounds
   (CUDA-event timed, after compile warm-up); the LDN/DeiT ratio is the median of the per-round ratios;
 * MFU = (2 × MACs per image × images/s) / peak dense bf16 FLOP/s (``--peak-tflops``, 989 for H100/H200 SXM);
-  MACs are counted on the meta device with ``FlopCounterMode`` (attention matmuls included);
+  MACs are counted on the meta device by ``timm_ldn.profiling.count_cost`` (attention matmuls included);
 * peak memory: ``torch.cuda.max_memory_allocated`` during one forward, weights excluded;
 * eager and compiled numbers for the headline pair (compile gain), compiled for the rest;
 * a compiled-vs-eager output check (bf16 tolerance) so a fast-but-wrong compile cannot slip through.
@@ -26,15 +26,15 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Callable, Dict, List
 
 import torch
 
-# 'eager' in --dry-run: exercises dynamo's fullgraph capture (graph breaks raise) without a C++ toolchain
-COMPILE_BACKEND = 'inductor'
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from timm_ldn.commands.benchmark import PAIRS, build_model, count_gmacs  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ablations import FixedMethodDiffusion  # noqa: E402
+from bench_harness import PAIRS, build_model, model_gmacs  # noqa: E402
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
@@ -67,21 +67,20 @@ def _peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def prepare(name: str, res: int, batch: int, device: torch.device, compile_model: bool, channels_last: bool,
-            dtype: torch.dtype):
+            dtype: torch.dtype, backend: str = 'inductor'):
     """A ready-to-time forward closure for ``name`` (weights fp32, autocast to ``dtype``), plus its input.
 
     ``name@shift`` / ``name@conv`` pick LDN's diffusion-step implementation (default: conv on GPU).
+    ``backend``: torch.compile's (``'eager'`` in --dry-run: dynamo's fullgraph capture without a C++ toolchain).
     """
     name, _, method = name.partition('@')
-    model = build_model(name, res, device)
-    for m in model.modules():
-        if method and hasattr(m, 'method') and hasattr(m, 'offsets'):  # LDN PrimaryDiffusion
-            m.method = method
+    kwargs = dict(diffusion_layer=partial(FixedMethodDiffusion, method=method)) if method else None
+    model = build_model(name, res, device, kwargs)
     x = torch.randn(batch, 3, res, res, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    fwd_model = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND) if compile_model else model
+    fwd_model = torch.compile(model, fullgraph=True, backend=backend) if compile_model else model
     autocast = device.type == 'cuda' or dtype == torch.bfloat16
 
     def fwd():
@@ -96,11 +95,11 @@ def prepare(name: str, res: int, batch: int, device: torch.device, compile_model
 
 def measure_pair(names: List[str], res: int, batch: int, device: torch.device, compile_model: bool,
                  channels_last: bool, dtype: torch.dtype, rounds: int, iters: int, peak_tflops: float,
-                 log=print) -> List[dict]:
+                 log=print, backend: str = 'inductor') -> List[dict]:
     fns, models, mem, compile_s = {}, {}, {}, {}
     for name in names:
         t0 = time.perf_counter()
-        models[name], fns[name] = prepare(name, res, batch, device, compile_model, channels_last, dtype)
+        models[name], fns[name] = prepare(name, res, batch, device, compile_model, channels_last, dtype, backend)
         for _ in range(3):  # compile + autotune + allocator warm-up
             fns[name]()
         if device.type == 'cuda':
@@ -123,7 +122,7 @@ def measure_pair(names: List[str], res: int, batch: int, device: torch.device, c
     rows = []
     for name in names:
         med = statistics.median(times[name])
-        gmacs = count_gmacs(name.partition('@')[0], res)
+        gmacs = model_gmacs(name.partition('@')[0], res)
         img_s = batch / med
         ratios = [a / b for a, b in zip(times[ref], times[name])]
         rows.append(dict(
@@ -153,9 +152,9 @@ def main(argv=None) -> int:
     p.add_argument('--out', default=os.path.join('eval', 'results', 'gpu_benchmark.json'))
     args = p.parse_args(argv)
 
+    backend = 'inductor'
     if args.dry_run:
-        global COMPILE_BACKEND
-        COMPILE_BACKEND = 'eager'
+        backend = 'eager'  # dynamo's fullgraph capture (graph breaks raise) without a C++ toolchain
         device, dtype, compile_model = torch.device('cpu'), torch.bfloat16, True
         plan = [('tiny', 32, 2, False), ('tiny', 32, 2, True)]
         extra = {('tiny', 32, True): ['ldn_tiny@shift']}
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
         ldn, deit = PAIRS[size]
         names = [ldn] + extra.get((size, res, comp), []) + [deit]  # the reference (DeiT) goes last
         rows += measure_pair(names, res, batch, device, comp, not args.no_channels_last, dtype,
-                             args.rounds, args.iters, args.peak_tflops)
+                             args.rounds, args.iters, args.peak_tflops, backend=backend)
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
                peak_tflops=args.peak_tflops, wall_s=time.perf_counter() - t0,
                time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),

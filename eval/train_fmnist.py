@@ -7,7 +7,7 @@ applied identically to both models.
 
     python eval/fmnist_data.py                                   # once: ImageFolder tree in eval/data/fmnist
     nice -n 19 python eval/train_fmnist.py --model ldn_nano_patch4_28
-    nice -n 19 python eval/train_fmnist.py --model vit_nano_patch4_28      # baseline (see BASELINES)
+    nice -n 19 python eval/train_fmnist.py --model vit_nano_patch4_28      # baseline (eval/study_models.py BASELINES)
     nice -n 19 python eval/train_fmnist.py --model ldn_nano_patch4_28 --resume   # continue after interruption
     python eval/train_fmnist.py --summarize ldn_nano_patch4_28 vit_nano_patch4_28  # results json/csv/png
 
@@ -35,13 +35,14 @@ from timm.data import create_dataset, create_loader
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import CheckpointSaver, ModelEmaV3, accuracy
+from timm.utils import CheckpointSaver, ModelEmaV3, ParseKwargs, accuracy
 
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 from timm_ldn.profiling import count_cost
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fmnist_tensors  # noqa: E402
+import study_models  # noqa: E402
 
 EVAL_DIR = Path(__file__).resolve().parent
 ROOT = EVAL_DIR.parent
@@ -49,40 +50,19 @@ DEFAULT_RECIPE = EVAL_DIR / 'recipes' / 'fmnist.yaml'
 RUNS_DIR = EVAL_DIR / 'runs'
 RESULTS_DIR = EVAL_DIR / 'results'
 
-# Same-size ViT/DeiT baselines: a timm vit_* entry point with its architecture overridden to match the LDN
-# variant (patch, image size, width, depth, heads, MLP ratio 4, in_chans=1). DeiT-style class token + learned
-# position embedding, which is what a plain timm ViT is.
-BASELINES: Dict[str, Dict[str, Any]] = {
-    'vit_nano_patch4_28': dict(
-        entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.),
-    # same-params CNN: timm's ResNet-10-T (deep tiered stem, avg-down) narrowed to 0.31 M params; output stride 8
-    # keeps a 4x4 map in the last stage instead of 1x1 (28 px input), 0.0104 GMACs
-    'resnet_nano_28': dict(entry='resnet10t', channels=(32, 48, 64, 96), output_stride=8),
-}
-
-
 def load_recipe(path: Path) -> Dict[str, Any]:
     with open(path) as f:
         return yaml.safe_load(f)
 
 
 def build_model(name: str, recipe: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """The LDN variant (registered in timm_ldn) or a baseline from ``BASELINES``, both through timm.create_model.
+    """A study row, baseline or registered model (``eval/study_models.py``) with the recipe's classes / channels.
 
-    ``model_kwargs`` override architecture arguments (the block-study rows, e.g. ``mlp_dwconv=True``).
+    ``model_kwargs`` override architecture arguments on top (e.g. ``mlp_ratio=3.5``).
     """
     common = dict(num_classes=recipe['num_classes'], in_chans=recipe['in_chans'], drop_path_rate=recipe['drop_path'])
     common.update(model_kwargs or {})
-    if name in BASELINES:
-        cfg = dict(BASELINES[name])
-        model = timm.create_model(cfg.pop('entry'), pretrained=False, **cfg, **common)
-        # timm's explicit q@kᵀ/softmax/@v attention instead of the fused CPU SDPA kernel: same math, and with
-        # bf16 autocast on this CPU it trains ~2x faster (measured), i.e. the stronger baseline for throughput
-        for m in model.modules():
-            if hasattr(m, 'fused_attn'):
-                m.fused_attn = False
-        return model
-    return timm.create_model(name, pretrained=False, **common)
+    return study_models.build_model(name, **common)
 
 
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
@@ -278,9 +258,7 @@ def final_test(
     test = evaluate(
         model, make_batches(recipe, 'test', False, recipe['validation_batch_size'], args.pipeline), args.max_batches)
     summary = dict(
-        model=args.model, architecture=BASELINES.get(args.model, {}).get('entry', args.model),
-        arch_overrides={k: v for k, v in BASELINES.get(args.model, {}).items() if k != 'entry'},
-        model_kwargs=args.model_kwargs, experiment=args.experiment or args.model, seed=recipe['seed'],
+        model=args.model,         model_kwargs=args.model_kwargs, experiment=args.experiment or args.model, seed=recipe['seed'],
         pipeline=args.pipeline,
         params=params, gmacs=gmacs, epochs=len(rows), best_epoch=ep + 1, weights='ema' if use_ema else 'raw',
         val_top1=float(row['val_ema_top1'] if use_ema else row['val_top1']),
@@ -397,7 +375,6 @@ def summarize(names: List[str]) -> None:
 
 
 def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20, rounds: int = 5,
-          variants: Optional[Dict[str, Tuple[str, Dict[str, Any]]]] = None,
           reference: Optional[str] = None) -> Dict[str, Any]:
     """End-to-end training throughput (input pipeline + step) of models × input pipelines, in one process.
 
@@ -406,7 +383,7 @@ def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20,
     within each round so they share the machine's state; reports the median img/s per pair and the medians of
     per-round ratios (this machine is shared and noisy).
 
-    ``variants`` maps a name to ``(model, architecture overrides)`` (block-study rows); other names are models.
+    Names are anything :func:`build_model` takes: study rows, baselines, registered models.
     With ``reference``, every name also gets its median per-round img/s ratio to that name, per pipeline.
     """
     import statistics
@@ -419,8 +396,7 @@ def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20,
     state = {}
     for name in names:
         for pipeline in pipelines:
-            model_name, overrides = (variants or {}).get(name, (name, None))
-            model = build_model(model_name, recipe, overrides).train()
+            model = build_model(name, recipe).train()
             opt = create_optimizer_v2(model, opt=recipe['opt'], lr=recipe['lr'], weight_decay=recipe['weight_decay'])
             batches = make_batches(recipe, recipe['train_split'], True, recipe['batch_size'], pipeline)
             state[(name, pipeline)] = (model, opt, ModelEmaV3(model, decay=recipe['model_ema_decay']), iter(batches))
@@ -482,21 +458,11 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
     return loss, out
 
 
-def parse_model_kwargs(items: List[str]) -> Dict[str, Any]:
-    """``['mlp_dwconv=true', 'diffusion_offsets=[1, 2]']`` -> ``{'mlp_dwconv': True, 'diffusion_offsets': [1, 2]}``."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise SystemExit(f'--model-kwargs: expected KEY=VALUE, got {item!r}.')
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', type=Path, default=DEFAULT_RECIPE, help='train.py-format recipe yaml')
-    p.add_argument('--model', help='ldn_* variant or a baseline in BASELINES: ' + ', '.join(BASELINES))
+    p.add_argument('--model', help='a study row, a baseline (' + ', '.join(study_models.BASELINES)
+                   + ') or a registered ldn_* model; rows: eval/study_models.py ROWS')
     p.add_argument('--experiment', default='', help='run folder name under eval/runs (default: model name)')
     p.add_argument('--resume', nargs='?', const='auto', default='',
                    help='continue from eval/runs/<run>/last.pth.tar (or a given checkpoint)')
@@ -509,8 +475,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--pipeline', choices=PIPELINES, default='memory',
                    help="input path: 'memory' (uint8 tensors, batched torch augmentation) or 'timm' (ImageFolder + "
                         "timm's create_loader, as train.py)")
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='architecture overrides, values parsed as YAML (e.g. mlp_dwconv=true tau_init=-4)')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help='architecture overrides, values read as Python literals (timm convention), e.g. mlp_ratio=3.5')
     p.add_argument('--max-batches', type=int, default=0, help='smoke test: stop each epoch after N batches')
     p.add_argument('--log-interval', type=int, default=50)
     p.add_argument('--summarize', nargs='+', metavar='RUN', help='write fmnist_results.{json,csv} + curves')
@@ -519,7 +485,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                         '(see --bench-pipelines)')
     p.add_argument('--bench-pipelines', nargs='+', choices=PIPELINES, default=list(PIPELINES))
     args = p.parse_args(argv)
-    args.model_kwargs = parse_model_kwargs(args.model_kwargs)
     if args.summarize:
         summarize(args.summarize)
         return 0

@@ -69,7 +69,7 @@ def probe_reference(checkpoint: Path) -> torch.Tensor:
     """Logits of the checkpoint's EMA weights on the manifest probe input, computed without any Hub code."""
     import timm
     from timm_ldn.hub import probe_input
-    from timm_ldn.ldn import checkpoint_filter_fn
+    from timm_ldn._checkpoint import checkpoint_filter_fn
     with torch.serialization.safe_globals([argparse.Namespace]):
         ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     model = timm.create_model(ARCH).eval()

@@ -1,30 +1,73 @@
-"""Smoke test of ``ldn benchmark --quick``: it runs, writes every artefact, and the numbers are sane."""
+"""The benchmark harness in eval/ (``python eval/benchmark.py``): timing, overrides, counting, tables, cross-check."""
+import argparse
 import json
 import math
-import os
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+from timm.utils import ParseKwargs
 
-from timm_ldn.cli import main
-from timm_ldn.commands.benchmark import fit_exponent
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'eval'))
+import bench_harness as H  # noqa: E402
+import benchmark as eval_benchmark  # noqa: E402  eval/benchmark.py
 
 
 def test_fit_exponent_recovers_power_law() -> None:
     tokens = [196, 576, 1024, 4096]
-    assert fit_exponent(tokens, [3.0 * t for t in tokens]) == pytest.approx(1.0)
-    assert fit_exponent(tokens, [0.5 * t ** 2 for t in tokens]) == pytest.approx(2.0)
+    assert H.fit_exponent(tokens, [3.0 * t for t in tokens]) == pytest.approx(1.0)
+    assert H.fit_exponent(tokens, [0.5 * t ** 2 for t in tokens]) == pytest.approx(2.0)
 
 
-def test_gmacs_count_deit_attention() -> None:
-    """On CPU tensors the fused SDPA kernel has no FLOP formula; counting on meta must include attention."""
-    from timm_ldn.commands.benchmark import count_gmacs
-    # DeiT-Ti at 224: 1.26 GMACs with attention, ~1.08 without
-    assert count_gmacs('deit_tiny_patch16_224', 224) == pytest.approx(1.26, abs=0.01)
+def test_round_robin_times_with_the_given_clock_and_alternates() -> None:
+    """The clock is an argument (nothing module-wide to set): a fake clock that ticks 1 s per reading gives
+    exactly 1 s per single-call chunk; the order of the models flips every round."""
+    ticks = iter(range(10 ** 6))
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ('a', 'b')}
+    times = H.time_round_robin(fns, rounds=3, device=torch.device('cpu'), min_round_s=0.0, warmup=0,
+                               clock=lambda: float(next(ticks)))
+    assert times == {'a': [1.0] * 3, 'b': [1.0] * 3}
+    assert calls[2:] == ['a', 'b', 'b', 'a', 'a', 'b']  # after the two sizing calls
+
+
+def test_overrides_reach_ldn_only_and_do_not_persist() -> None:
+    ldn = H.build_model('ldn_tiny', 64, 'meta', {'depth': 2})
+    deit = H.build_model('deit_tiny_patch16_224', 64, 'meta', {'depth': 2})
+    assert len(ldn.blocks) == 2 and len(deit.blocks) == 12  # the reference is never modified
+    assert deit.pos_embed.shape[1] == 1 + (64 // 16) ** 2  # re-created for the resolution
+    assert len(H.build_model('ldn_tiny', 64, 'meta').blocks) == 12  # no state left behind by the first call
+
+
+def test_gmacs_by_the_project_counter() -> None:
+    """count_cost on the meta device: DeiT-Ti's attention is counted (1.26 GMACs, ~1.08 without)."""
+    assert H.model_gmacs('deit_tiny_patch16_224', 224) == pytest.approx(1.26, abs=0.01)
+    assert H.model_gmacs('ldn_tiny', 64, {'depth': 6}) == pytest.approx(H.model_gmacs('ldn_tiny', 64) / 2, rel=0.05)
+
+
+def _parse_kwargs(items):
+    p = argparse.ArgumentParser()
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    return p.parse_args(['--model-kwargs', *items]).model_kwargs
+
+
+def test_model_kwargs_literals_and_round_trip() -> None:
+    """eval/benchmark.py reads --model-kwargs as timm does; kwargs_to_args writes them back for timm's script."""
+    parser = argparse.ArgumentParser()
+    eval_benchmark.add_arguments(parser)
+    kwargs = parser.parse_args(['--model-kwargs', 'mlp_dwconv=True', 'diffusion_offsets=(1, 2)',
+                                'attn_feature_map=relu']).model_kwargs
+    assert kwargs == dict(mlp_dwconv=True, diffusion_offsets=(1, 2), attn_feature_map='relu')
+    kwargs['tag'] = 'True'  # a string that reads as a literal must stay a string
+    assert _parse_kwargs(H.kwargs_to_args(kwargs)) == kwargs
 
 
 def test_quick_benchmark_writes_results(tmp_path) -> None:
     out = tmp_path / 'results'
-    assert main(['benchmark', '--quick', '--out-dir', str(out), '--name', 'smoke']) == 0
+    argv = ['--quick', '--out-dir', str(out), '--name', 'smoke', '--model-kwargs', 'depth=6']
+    assert eval_benchmark.main(argv) == 0
     for ext in ('json', 'csv', 'md', 'png'):
         assert (out / f'smoke.{ext}').stat().st_size > 0, ext
     result = json.loads((out / 'smoke.json').read_text())
@@ -35,16 +78,13 @@ def test_quick_benchmark_writes_results(tmp_path) -> None:
         assert r['peak_mem_mb_b1'] > 0 and r['gmacs'] > 0
         if r['model'] == r['reference']:
             assert r['speedup_vs_ref'] == pytest.approx(1.0)
+        if r['model'] == 'ldn_tiny':  # the measured LDN is the overridden one
+            assert r['gmacs'] == pytest.approx(H.model_gmacs('ldn_tiny', r['resolution'], {'depth': 6}))
     assert math.isfinite(result['train']['speedup'][0])
     assert set(result['exponents']) == {'ldn_tiny', 'deit_tiny_patch16_224'}
-
-
-def test_model_kwargs_parse_as_literals() -> None:
-    from timm_ldn.commands.benchmark import parse_model_kwargs
-    assert parse_model_kwargs(['mlp_dwconv=True', 'diffusion_offsets=(1, 2)', 'attn_feature_map=relu']) == dict(
-        mlp_dwconv=True, diffusion_offsets=(1, 2), attn_feature_map='relu')
-    with pytest.raises(ValueError):
-        parse_model_kwargs(['mlp_dwconv'])
+    assert result['environment']['model_kwargs'] == {'depth': 6} and result['environment']['clock'] == 'wall'
+    assert result['command'] == 'python eval/benchmark.py --quick --model-kwargs depth=6'
+    assert (out / 'smoke.md').read_text().startswith('`python eval/benchmark.py --quick')
 
 
 FAKE_TIMM_BENCHMARK = '''
@@ -55,23 +95,27 @@ p.add_argument('--model-kwargs', nargs='*', default=[])
 args, _ = p.parse_known_args()
 if args.model.startswith('deit') and args.img_size != 224 and not args.model_kwargs:
     raise AssertionError("Input height doesn't match model (224).")
-speed = 30.0 if args.model.startswith('ldn') else 20.0
+speed = (40.0 if 'depth=6' in args.model_kwargs else 30.0) if args.model.startswith('ldn') else 20.0
 json.dump({'model': args.model, 'infer_samples_per_sec': speed}, open(args.results_file, 'w'))
 '''
 
 
 def test_timm_crosscheck_compares_with_our_table(tmp_path) -> None:
-    """The cross-check runs the given script per model, takes per-round LDN/DeiT ratios and compares with ours."""
+    """The cross-check runs the given script per model (LDN with our overrides), takes per-round LDN/DeiT
+    ratios and compares them with ours."""
     script = tmp_path / 'benchmark.py'
     script.write_text(FAKE_TIMM_BENCHMARK)
     out = tmp_path / 'results'
     out.mkdir()
-    ours = dict(rows=[dict(model='ldn_tiny', resolution=64, batch=2, speedup_vs_ref=1.2, img_s=10.0)])
+    ours = dict(rows=[dict(model='ldn_tiny', resolution=64, batch=2, speedup_vs_ref=1.25, img_s=10.0)])
     (out / 'benchmark_cpu.json').write_text(json.dumps(ours))
-    assert main(['benchmark', '--quick', '--timm-benchmark', str(script), '--out-dir', str(out)]) == 0
+    assert eval_benchmark.main(['--quick', '--timm-benchmark', str(script), '--out-dir', str(out)]) == 0
     row = json.loads((out / 'benchmark_timm.json').read_text())['rows'][0]
-    assert row['ratio'] == pytest.approx(1.5) and row['ours_ratio'] == pytest.approx(1.2)
-    assert row['disagreement'] == pytest.approx(0.25)
+    assert row['ratio'] == pytest.approx(1.5) and row['ours_ratio'] == pytest.approx(1.25)
+    assert row['disagreement'] == pytest.approx(0.2)
     # DeiT at a non-224 size without re-creating it: the failure is recorded
     assert "doesn't match" in row['note']
     assert '1.50×' in (out / 'benchmark_timm.md').read_text()
+    argv = ['--quick', '--timm-benchmark', str(script), '--out-dir', str(out), '--model-kwargs', 'depth=6']
+    assert eval_benchmark.main(argv) == 0
+    assert json.loads((out / 'benchmark_timm.json').read_text())['rows'][0]['ratio'] == pytest.approx(2.0)

@@ -123,7 +123,7 @@ def test_predict_bundled_samples(monkeypatch, capsys):
     """``ldn predict --samples``: the shipped Fashion-MNIST images with the shipped weights, no Hub."""
     monkeypatch.delenv(hub.MANIFEST_ENV, raising=False)
     monkeypatch.setattr(hub, '_download', lambda *a, **k: (_ for _ in ()).throw(AssertionError('no Hub needed')))
-    rows = _predict_json(capsys, '--samples', '--model', 'ldn_nano_patch4_28.fmnist', '--topk', '1')[1]
+    rows = _predict_json(capsys, '--samples', '--model', 'ldn_nano_patch4_28.fmnist_v2', '--topk', '1')[1]
     truth = json.loads((hub.samples_dir() / 'samples.json').read_text())['images']
     assert len(rows) == len(truth) == 10
     for row in rows:
@@ -193,3 +193,42 @@ def test_info_text_for_model_without_weights(capsys):
     out = capsys.readouterr().out
     assert out.startswith('ldn_tiny: ') and 'GMACs' in out and 'none published for ldn_tiny' in out
     assert ldn_main(['info', 'no_such_model']) == 2
+
+
+@pytest.mark.parametrize('model,size', [('deit_tiny_patch16_224', 32), ('convnext_atto', 64)])
+def test_benchmark_times_any_timm_model_at_any_size(model, size, capsys):
+    """``ldn benchmark MODEL --json``: one JSON object on stdout; a ViT is re-created for the size (its
+    position embedding is fixed), a model without ``img_size`` runs the size as is; threads are restored."""
+    threads = torch.get_num_threads()
+    argv = ['benchmark', model, '--img-size', str(size), '-b', '2', '--iters', '3', '--warmup', '1',
+            '--threads', '1', '--json']
+    assert ldn_main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r['model'] == model and r['mode'] == 'inference' and r['img_size'] == [size, size]
+    assert r['batch_size'] == 2 and r['iters'] == 3 and r['threads'] == 1
+    assert 0 < r['ms_min'] <= r['ms_per_iter'] <= r['ms_max']
+    assert r['img_s'] == pytest.approx(2 / (r['ms_per_iter'] / 1e3))
+    assert torch.get_num_threads() == threads
+
+
+def test_benchmark_train_step_with_model_kwargs_writes_only_the_json(tmp_path, monkeypatch, capsys):
+    """Default input from the pretrained cfg (1×28×28 for the Fashion-MNIST model), ``--model-kwargs`` the
+    timm way, ``--train``; the only file written is the one named by ``--json PATH``."""
+    monkeypatch.chdir(tmp_path)
+    argv = ['benchmark', 'ldn_nano_patch4_28', '--train', '--iters', '2', '--warmup', '1', '-b', '2',
+            '--model-kwargs', 'depth=1', 'mlp_ratio=2.0', '--json', 'r.json']
+    assert ldn_main(argv) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert re.fullmatch(r'ldn_nano_patch4_28 train 28x28 batch 2 \(cpu, \d+ threads?\): [\d.]+ ms/iter '
+                        r'\(min [\d.]+, max [\d.]+\), [\d.]+ img/s', line), line
+    assert [p.name for p in tmp_path.iterdir()] == ['r.json']
+    r = json.loads((tmp_path / 'r.json').read_text())
+    assert r['mode'] == 'train' and r['in_chans'] == 1 and r['img_size'] == [28, 28]
+    assert r['model_kwargs'] == {'depth': 1, 'mlp_ratio': 2.0}
+    assert ldn_main(['benchmark', 'ldn_nano_patch4_28', '--iters', '1', '--warmup', '0']) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ['r.json']  # without --json nothing is written
+
+
+def test_benchmark_unknown_model_is_an_error(capsys):
+    assert ldn_main(['benchmark', 'no_such_model']) == 2
+    assert 'no_such_model' in capsys.readouterr().err

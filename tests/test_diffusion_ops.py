@@ -1,11 +1,11 @@
-"""The spec's properties of the diffusion operators (LDN_SPEC.md: 'What the tests must show')."""
+"""The contract's properties of the diffusion operators (docs/contract.md: what the tests must show)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_ldn.diffusion import (
     DEFAULT_OFFSETS, diffusion_attention_reference, diffusion_coefficients, grid_diameter, laplacian_reference,
-    linear_diffusion_attention, softmax_diffusion_attention, stencil_basis, time_step,
+    linear_diffusion_attention, stencil_basis, time_step,
 )
 from timm_ldn.ldn import LdnBlock, PrimaryDiffusion
 
@@ -27,7 +27,8 @@ def test_constant_field_does_not_move(grid):
     """K·1 = 0 on every row, border rows included."""
     op = _diffusion(6)
     x = torch.full((2, *grid, 6), 3.25, dtype=torch.float64)
-    torch.testing.assert_close(op(x), torch.zeros_like(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(op.update(x), torch.zeros_like(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(op(x), x, rtol=0, atol=1e-12)  # the step leaves it where it is
 
 
 @pytest.mark.parametrize('grid', GRIDS)
@@ -44,14 +45,15 @@ def test_stencil_matches_dense_laplacian(grid):
         assert torch.allclose(K.sum(1), torch.zeros(h * w, dtype=K.dtype), atol=1e-12), 'rows must sum to 0'
         assert torch.equal(K, K.t()), 'same weight for +d and -d: K is symmetric'
         expected[..., c] = dt[c] * (x[..., c].reshape(2, -1) @ K.t()).reshape(2, h, w)
-    torch.testing.assert_close(op(x), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.update(x), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op(x), x + expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('grid', GRIDS)
 def test_diffusion_step_conserves_channel_mean(grid):
     op = _diffusion(4, seed=2)
     x = torch.randn(3, *grid, 4, dtype=torch.float64)
-    stepped = x + op(x)
+    stepped = op(x)
     torch.testing.assert_close(stepped.mean((1, 2)), x.mean((1, 2)), rtol=0, atol=1e-12)
 
 
@@ -64,7 +66,7 @@ def test_replicate_padding_would_break_no_flux():
     padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2), (radius,) * 4, mode='replicate')
     weight = (coef.t() @ op.basis.reshape(len(op.offsets), -1)).reshape(1, 1, 2 * radius + 1, -1)
     replicate = torch.nn.functional.conv2d(padded, weight).permute(0, 2, 3, 1)
-    assert not torch.allclose(replicate, op(x)), 'replicate padding is not the no-flux rule for offsets > 1'
+    assert not torch.allclose(replicate, op.update(x)), 'replicate padding is not the no-flux rule for offsets > 1'
 
 
 @pytest.mark.parametrize('a_scale', [1., 30.])
@@ -92,7 +94,7 @@ def test_huge_coefficients_never_grow_max_norm(tau):
         op.tau.fill_(tau)
     torch.manual_seed(5)
     x = torch.randn(2, 11, 13, 8, dtype=torch.float64) * 1e3
-    y = x + op(x)
+    y = op(x)
     assert torch.isfinite(y).all()
     assert (y.abs().amax((1, 2)) <= x.abs().amax((1, 2)) * (1 + 1e-12)).all()
 
@@ -113,7 +115,7 @@ def test_diffusion_only_stack_stays_finite_in_low_precision(dtype):
     y = x
     with torch.no_grad():
         for op in steps:
-            y = y + op(y)
+            y = op(y)
     assert torch.isfinite(y).all()
     # convex averaging: no growth beyond the rounding of the low-precision dtype
     assert y.float().abs().max() <= x.float().abs().max() * (1 + 12 * torch.finfo(dtype).eps)
@@ -162,16 +164,14 @@ def test_diffusion_attention_of_constant_values_is_zero():
     q, k = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 50, 16)
     v = torch.full((2, 3, 50, 16), -7.5)
     torch.testing.assert_close(linear_diffusion_attention(q, k, v), torch.zeros_like(v), rtol=0, atol=1e-5)
-    torch.testing.assert_close(softmax_diffusion_attention(q, k, v), torch.zeros_like(v), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel', ['linear', 'softmax'])
-def test_diffusion_attention_matches_dense_definition(kernel):
-    """(D⁻¹W − I)·V with W built explicitly equals the operator used by the model."""
+def test_diffusion_attention_matches_dense_definition():
+    """(D⁻¹W − I)·V with W built explicitly equals the linear-time operator."""
     torch.manual_seed(9)
     q, k, v = (torch.randn(2, 3, 40, 8, dtype=torch.float64) for _ in range(3))
-    fast = linear_diffusion_attention(q, k, v) if kernel == 'linear' else softmax_diffusion_attention(q, k, v)
-    torch.testing.assert_close(fast, diffusion_attention_reference(q, k, v, kernel), rtol=1e-9, atol=1e-9)
+    fast = linear_diffusion_attention(q, k, v)
+    torch.testing.assert_close(fast, diffusion_attention_reference(q, k, v), rtol=1e-9, atol=1e-9)
 
 
 class _LargestIntermediate(TorchDispatchMode):

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / 'eval'))
 import fmnist_data  # noqa: E402
 
 MODEL = 'ldn_nano_patch4_28'
-TAG = MODEL + '.fmnist'
+TAG = MODEL + '.fmnist_v2'  # the default tag
 SAMPLES = ROOT / 'weights' / 'samples'
 
 
@@ -154,13 +154,13 @@ def test_pretrained_true_works_offline_from_the_shipped_copy(tmp_path):
     from safetensors.torch import load_file
     code = (
         "import timm, timm_ldn, torch\n"
-        "m = timm.create_model('ldn_nano_patch4_28.fmnist', pretrained=True)\n"
+        "m = timm.create_model('ldn_nano_patch4_28.fmnist_v2', pretrained=True)\n"
         "torch.save(m.state_dict(), r'%s')\n" % (tmp_path / 'sd.pt'))
     env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
     proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = torch.load(tmp_path / 'sd.pt', weights_only=True)
-    shipped = load_file(str(Path(timm_ldn.__file__).parents[1] / 'weights' / 'ldn_nano_patch4_28.fmnist' / 'model.safetensors'))
+    shipped = load_file(str(Path(timm_ldn.__file__).parents[1] / 'weights' / 'ldn_nano_patch4_28.fmnist_v2' / 'model.safetensors'))
     for k, v in shipped.items():
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
 
@@ -236,25 +236,11 @@ import block_study  # noqa: E402
 import train_fmnist  # noqa: E402
 
 
-def test_every_study_row_builds_and_the_adopted_row_is_the_default_block():
-    recipe = train_fmnist.load_recipe(train_fmnist.DEFAULT_RECIPE)
-    shapes = {}
-    for row, (model, overrides, _) in block_study.ROWS.items():
-        net = train_fmnist.build_model(model, recipe, overrides)
-        assert sum(p.numel() for p in net.parameters()) <= 500_000, row  # the nano budget
-        shapes[row] = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    default = timm.create_model(MODEL)  # untagged, no weights: the current default block
-    assert shapes['ldn_v2'] == {k: tuple(v.shape) for k, v in default.state_dict().items()}
-    v1 = timm.create_model(TAG)  # the shipped tag builds its own (v1) block, which is the study's base row
-    assert shapes['ldn_base'] == {k: tuple(v.shape) for k, v in v1.state_dict().items()}
-
-
 def test_study_commands_resume_and_run_one_thread_each():
     cmd = block_study._command('final', 'ldn_v2', 2, 40)
     assert cmd[cmd.index('--experiment') + 1] == 'final_ldn_v2_s2' and '--resume' in cmd
     assert cmd[cmd.index('--threads') + 1] == '1' and cmd[cmd.index('--epochs') + 1] == '40'
-    kwargs = train_fmnist.parse_model_kwargs(cmd[cmd.index('--model-kwargs') + 1:])
-    assert kwargs == block_study.ROWS['ldn_v2'][1]
+    assert cmd[cmd.index('--model') + 1] == 'ldn_v2'  # the row itself: train_fmnist builds it from study_models
 
 
 def test_study_snapshots_travel_to_another_checkout(tmp_path, monkeypatch):
@@ -304,12 +290,12 @@ def test_study_speed_times_each_row_as_built_against_the_vit(tmp_path, monkeypat
     real_build = train_fmnist.build_model
 
     def spy(name, recipe, overrides=None):
-        built.append((name, overrides))
+        built.append(name)
         return real_build(name, recipe, overrides)
 
     monkeypatch.setattr(train_fmnist, 'build_model', spy)
     out = block_study.speed(['ldn_no_adiff'], threads=1, steps=1, rounds=1)
-    assert built == [('vit_nano_patch4_28', {}), (MODEL, block_study.ROWS['ldn_no_adiff'][1])]
+    assert built == ['vit', 'ldn_no_adiff']
     assert list(out['rows']) == ['vit', 'ldn_no_adiff'] and out['rows']['vit']['ratio_vs_vit'] == 1.
     assert out['rows']['ldn_no_adiff']['img_s'] > 0
     saved = json.loads((tmp_path / 'train_speed_1thread.json').read_text())

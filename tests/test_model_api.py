@@ -59,8 +59,6 @@ def test_unsupported_keywords_fail_clearly():
         _tiny(not_a_model_arg=1)
     with pytest.raises(ValueError, match='divisible by num_heads'):
         _tiny(num_heads=5)
-    with pytest.raises(ValueError, match='attn_kernel'):
-        _tiny(attn_kernel='cosine')
     with pytest.raises(ValueError, match='offsets'):
         _tiny(diffusion_offsets=(0, 2))
 

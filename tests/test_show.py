@@ -1,5 +1,7 @@
 """``ldn show`` and the numbers behind its pictures (timm_ldn.visualize), on tiny random-init models."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +80,7 @@ def _dense_rows(model, x, layer):
     with torch.no_grad():
         model(x)
         handle.remove()
-        u = captured['u']
+        u = captured['u'].flatten(1, 2)  # the channels-last map as (B, N, C)
         B, N, C = u.shape
         q, k, _ = attn.qkv(u).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
         eye = torch.eye(N, dtype=u.dtype).expand(B, attn.num_heads, N, N)
@@ -193,29 +195,22 @@ def test_cli_unreadable_image(tmp_path, capsys):
     assert f'Cannot read image {broken}' in err and 'remove it from --images' in err
 
 
-def test_block_options_pre_norm_branch_dwconv_overlap_stem_and_phi():
-    """The pictures read the block's options (issue 9): Theorem 1 still at the diameter, A_diff rows still exact."""
+def test_pictures_read_layer_variants():
+    """The pictures read the model's layers, whichever are plugged in (the study's ablations, eval/ablations.py):
+    Theorem 1 still at the diameter for a pre-norm K branch, A_diff rows exact for another φ, no A_diff named."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eval'))
+    import ablations
+    from functools import partial
     torch.manual_seed(0)
-    m = timm.create_model(MODEL, diffusion_form='branch', mlp_dwconv=True, stem_type='overlap',
-                          attn_feature_map='softplus').eval()
+    m = timm.create_model(MODEL, diffusion_layer=ablations.BranchDiffusion, embed_layer=ablations.OverlapConvStem,
+                          attn_layer=partial(ablations.FeatureMapAttention, phi='softplus')).eval()
     x = torch.randn(1, 1, 28, 28)
     erf = V.effective_receptive_field(V.diffusion_only(m).double(), x.double(), 'corners')
     V.check_local(erf, V.diffusion_offsets(m))
     assert erf.first_full_depth() == grid_diameter(7, 7, (1, 2))
     rows = V.attention_rows(m, x, 2, (3, 3))  # raises if the recomputed row is not the block's own
     torch.testing.assert_close(rows.sum((-2, -1)), torch.ones(1, 2))
-
-
-def test_block_options_input_dt_and_no_attention():
-    torch.manual_seed(0)
-    m = timm.create_model(MODEL, dt_mode='input', attn_kernel='none').eval()
-    x = torch.randn(2, 1, 28, 28)
-    with pytest.raises(ValueError, match='pass images'):
-        V.diffusion_scales(m)
-    stats = V.diffusion_scales(m, x)
-    assert len(stats['margin']) == 6 and all(0 < margin < 1 for margin in stats['margin'])
+    no_attn = timm.create_model(MODEL, block_fn=ablations.NoAttentionBlock).eval()
     with pytest.raises(ValueError, match='has no A_diff'):
-        V.attention_rows(m, x, 0, 0)
-    erf = V.effective_receptive_field(V.diffusion_only(m), x[:1], 'centre')
-    with pytest.raises(ValueError, match='not local'):  # δt pools the whole grid: the curve is left out
-        V.check_local(erf, V.diffusion_offsets(m))
+        V.attention_rows(no_attn, x, 0, 0)
+    assert len(V.diffusion_scales(no_attn)['margin']) == 6

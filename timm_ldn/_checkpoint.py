@@ -1,15 +1,24 @@
-"""A clear error when a checkpoint of another architecture is loaded into an LDN model.
+"""Checkpoint compatibility of LDN models: unwrapping, parameter-layout versions, one clear error per mismatch.
 
-torch's own ``load_state_dict`` error for a ResNet checkpoint (or an ldn_small one loaded into ldn_tiny) lists every
-one of hundreds of keys or shapes. This pre-hook runs before any tensor is copied and, when the checkpoint cannot
-fit (a shape would mismatch, or not one trunk tensor would be copied), raises one short message naming the mismatch: "not an LDN checkpoint (it has conv1.weight, ...)", or
-"embed_dim 384 in the checkpoint vs 192 in the model (ldn_small vs ldn_tiny)". It subclasses ``RuntimeError``,
-which is what callers of ``load_state_dict`` (timm's ``load_checkpoint`` / ``resume_checkpoint``) already expect.
+``checkpoint_filter_fn`` (timm's ``pretrained_filter_fn``) turns any LDN checkpoint into a state dict of the current
+layout; strictness stays the caller's (``pretrained_strict``, ``load_state_dict(strict=...)``). The load pre-hook
+``architecture_pre_hook`` runs before any tensor is copied and, when the checkpoint cannot fit (a shape would
+mismatch, or not one trunk tensor would be copied), raises one short message naming the mismatch, "not an LDN
+checkpoint (it has conv1.weight, ...)" or "embed_dim 384 in the checkpoint vs 192 in the model (ldn_small vs
+ldn_tiny)", instead of torch's list of hundreds of keys. It subclasses ``RuntimeError``, which callers of
+``load_state_dict`` (timm's ``load_checkpoint`` / ``resume_checkpoint``) already expect. Nothing here imports the
+model: ``ldn.py`` imports this module, never the reverse.
 """
 import re
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
+
+# Version of the parameter layout (state-dict names, shapes and parameterisation), recorded by `ldn export` in the
+# manifest and config.json. v1: F = MLP ratio 4 (timm-ldn < 0.2, retired). v2: F = MLP ratio 3.875 with a 3×3
+# depthwise conv on the hidden layer (mlp.dwconv.*). Bump it with a converter here when the layout changes.
+LDN_LAYOUT_VERSION = 2
+LAYOUT_VERSION_KEY = 'ldn_layout_version'
 
 _BLOCK_RE = re.compile(r'^blocks\.(\d+)\.')
 # names the registered variants go by, for the message only
@@ -73,10 +82,9 @@ def architecture_pre_hook(
             f'an LDN checkpoint has patch_embed.proj.weight, blocks.<i>.diffusion.a_raw, ...). It was saved '
             f'from another architecture: create that model instead, or pass the right LDN checkpoint.')
 
-    # layout v1 (F without depthwise conv, MLP ratio 4) vs v2: one message with the fix, not a list of shapes
+    # F with / without depthwise conv (layout v2 / v1): one message with the fix, not a list of shapes
     ckpt_dwconv = any('.mlp.dwconv.' in k for k in ckpt)
     if any(k.endswith('.mlp.fc1.weight') for k in ckpt) and ckpt_dwconv != any('.mlp.dwconv.' in k for k in own):
-        from .ldn import layout_mismatch_message
         raise CheckpointArchitectureError(
             f'LDN checkpoint does not fit this {cls}: ' + layout_mismatch_message(ckpt_dwconv))
 
@@ -94,3 +102,49 @@ def architecture_pre_hook(
         raise CheckpointArchitectureError(
             f'LDN checkpoint does not fit this {cls}: ' + '; '.join(diffs) + names
             + '. Create the model with the matching variant / arguments.')
+
+
+def layout_mismatch_message(checkpoint_has_dwconv: bool) -> str:
+    """What to do when a checkpoint's local update F (with / without depthwise conv) differs from the model's."""
+    if checkpoint_has_dwconv:
+        return ('the checkpoint has a 3x3 depthwise conv in F (mlp.dwconv.*, parameter layout v2, the default) but '
+                'the model was created without it: drop mlp_layer / mlp_ratio from the create_model arguments.')
+    return ('the checkpoint has F without depthwise conv (parameter layout v1 of timm-ldn < 0.2, or a model built '
+            'with a plain MLP) and the model has the default F. Create the model with a plain MLP to load it: '
+            'timm.create_model(<arch>, mlp_layer=timm.layers.Mlp, mlp_ratio=4.0, ...).')
+
+
+def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The model weights inside a train.py checkpoint (EMA preferred), without DDP / torch.compile prefixes."""
+    state = checkpoint
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    out = {}
+    for k, v in state.items():
+        while k.startswith(('module.', '_orig_mod.')):
+            k = k.split('.', 1)[1]
+        out[k] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: torch.nn.Module) -> Dict[str, Any]:
+    """Any LDN checkpoint as a state dict of the current parameter layout for ``model``.
+
+    Accepts a bare state dict (safetensors / ``torch.save(model.state_dict())``) or a checkpoint as timm's train.py
+    writes it (``checkpoint-*.pth.tar``, ``model_best.pth.tar``: ``state_dict_ema`` preferred over ``state_dict``,
+    also ``model`` / ``model_ema``), strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes and reads
+    the layout version. Missing or extra keys are left to ``load_state_dict``'s ``strict`` (timm's
+    ``pretrained_strict``), so partial loads work as in timm; tensors that cannot fit raise in the pre-hook.
+    """
+    checkpoint = state_dict
+    state_dict = unwrap_checkpoint(checkpoint)
+    version = state_dict.pop(LAYOUT_VERSION_KEY, checkpoint.get(LAYOUT_VERSION_KEY, None))
+    if version is not None:
+        version = int(version.item() if isinstance(version, torch.Tensor) else version)
+        if version > LDN_LAYOUT_VERSION:
+            raise CheckpointArchitectureError(
+                f'Checkpoint has LDN parameter layout v{version}, this timm-ldn reads up to v{LDN_LAYOUT_VERSION}. '
+                'Upgrade timm-ldn.')
+    return state_dict

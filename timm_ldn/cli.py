@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     'info': ('timm_ldn.commands.info', 'parameters, GMACs, pretrained config and available weights of a model'),
     'predict': ('timm_ldn.commands.predict', 'classify images or folders of images'),
     'export': ('timm_ldn.commands.export', 'turn a train.py checkpoint into a Hub-ready folder (+ manifest entry)'),
-    'benchmark': ('timm_ldn.commands.benchmark', 'throughput / latency / memory vs timm peers'),
+    'benchmark': ('timm_ldn.commands.benchmark', 'time one model here: ms per call and images/s'),
     'show': ('timm_ldn.commands.show', 'pictures of what the diffusion does: receptive fields, scales, A_diff maps'),
 }
 

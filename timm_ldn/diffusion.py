@@ -1,21 +1,21 @@
-"""Diffusion operators of Linear Diffusion Networks (the math of ``LDN_SPEC.md`` in one place).
+"""Diffusion operators of Linear Diffusion Networks: the math of the architecture contract in one place.
 
-One LDN layer is one explicit-Euler step of ``dH/dt = K·H + A_diff(H) + F(H)`` over the token grid.
-This module holds the two diffusion operators and their dense reference forms:
+One LDN layer is one explicit-Euler step of ``dH/dt = K·H + A_diff(H) + F(H)`` over the tokens. This module holds
+the two diffusion operators, each as the fast form the model runs beside a dense reference form for the tests:
 
 * ``K``: a learned, multi-scale, no-flux graph Laplacian on the ``h×w`` grid (rows and columns sum to zero).
-  ``primary_diffusion`` is the readable form (one depthwise stencil conv plus an exact border correction);
-  the model runs ``diffusion_step``: the same sum as 13 shifted multiply-adds on CPU, or the conv with the
-  residual folded in elsewhere (and under tracing exporters).
-* ``A_diff``: content-dependent global diffusion ``(D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, computed in
-  linear time as ``φ(Q)(φ(K)ᵀV)`` — the ``N×N`` matrix ``W`` is never formed. ``linear_diffusion_attention``
-  is the readable form; the model runs ``packed_linear_diffusion_attention`` (same math on the fused qkv).
+  :func:`diffusion_step` runs it (a depthwise stencil conv, or shifted multiply-adds on CPU);
+  :func:`laplacian_reference` builds the dense matrix.
+* ``A_diff``: content-dependent global diffusion ``(D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, computed in linear
+  time as ``φ(Q)(φ(K)ᵀV)``: the ``N×N`` matrix ``W`` is never formed. :func:`linear_diffusion_attention` is the
+  readable form, :func:`packed_linear_diffusion_attention` the one the model runs (same math on the fused qkv),
+  :func:`diffusion_attention_reference` the dense one.
 
-Token maps are channels-last (``B×h×w×C``) throughout, the layout the linear layers of a block want.
-The dense ``*_reference`` functions build the spec's matrices explicitly; they exist for tests and are
-``O(N²)`` in memory, never use them in a model.
+Token maps are channels-last (``B×h×w×C``) throughout, the layout the linear layers of a block want. The dense
+``*_reference`` functions are ``O(N²)`` in memory: tests only. Where each property of the contract is tested:
+``docs/contract.md``.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +23,15 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 __all__ = [
-    'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'diffusion_coefficients', 'time_step', 'border_correction',
-    'primary_diffusion', 'laplacian_reference', 'positive_feature_map', 'linear_diffusion_attention',
-    'softmax_diffusion_attention', 'diffusion_attention_reference', 'grid_diameter',
-    'diffusion_step', 'packed_linear_diffusion_attention', 'per_sample_diffusion_step',
-    'per_sample_diffusion_coefficients', 'FEATURE_MAPS', 'feature_map', 'DIFFUSION_METHODS',
+    'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'time_step', 'diffusion_coefficients', 'border_correction',
+    'diffusion_step', 'laplacian_reference', 'grid_diameter', 'positive_feature_map', 'linear_diffusion_attention',
+    'packed_linear_diffusion_attention', 'diffusion_attention_reference',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
 DEFAULT_OFFSETS: Tuple[int, ...] = (1, 2, 4)
 NEIGHBOURS_PER_SCALE = 4  # ±d along each of the two grid axes
 MAX_STEP_FRACTION = 0.99  # largest δt as a fraction of the explicit-Euler limit
-DIFFUSION_METHODS: Tuple[str, ...] = ('auto', 'conv', 'shift', 'sep')  # implementations of diffusion_step
 
 
 def stencil_basis(
@@ -86,13 +83,6 @@ def diffusion_coefficients(a_raw: torch.Tensor, tau: torch.Tensor) -> torch.Tens
     return a * time_step(a, tau)
 
 
-def per_sample_diffusion_coefficients(a_raw: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """:func:`diffusion_coefficients` for a per-sample ``τ`` of shape ``(B, C)`` (input-dependent time step):
-    ``(B, S, C)``. Only ``sigmoid(τ)`` varies between samples, so every sample's step keeps the same bound."""
-    a = F.softplus(a_raw)
-    return a.unsqueeze(0) * time_step(a, tau).unsqueeze(1)
-
-
 @register_notrace_function
 def border_correction(coef: torch.Tensor, offsets: List[int], height: int, width: int) -> torch.Tensor:
     """``Σ_s (#out-of-grid neighbours of i at scale s)·coef_s``, shape ``(h, w, C)``.
@@ -110,152 +100,56 @@ def border_correction(coef: torch.Tensor, offsets: List[int], height: int, width
     return (row_missing @ coef)[:, None, :] + (col_missing @ coef)[None, :, :]
 
 
-def primary_diffusion(
-        x: torch.Tensor,
-        coef: torch.Tensor,
-        basis: torch.Tensor,
-        offsets: List[int],
-) -> torch.Tensor:
-    """The update ``δt·K(H)`` of one primary diffusion step on a channels-last token map.
-
-    ``K(H)_i = Σ_s Σ_{j∈N_s(i)} a_s ⊙ (H_j − H_i)`` over in-grid neighbours only. All scales are folded
-    into one depthwise ``k×k`` convolution (one pass over the tokens) plus the border correction.
-
-    Args:
-        x: Token map ``(B, h, w, C)``.
-        coef: ``δt·a_s`` from :func:`diffusion_coefficients`, ``(S, C)``.
-        basis: :func:`stencil_basis` for ``offsets``, ``(S, k, k)``.
-        offsets: Grid offsets of the scales.
-    Returns:
-        ``δt·K(H)``, same shape as ``x``.
-    """
-    B, H, W, C = x.shape
-    radius = (basis.shape[-1] - 1) // 2
-    size = basis.shape[-1]
-    weight = (coef.t() @ basis.reshape(basis.shape[0], -1)).reshape(C, 1, size, size).to(x.dtype)
-    # NHWC -> NCHW view is channels_last in memory: the depthwise conv runs without a layout copy
-    y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=radius, groups=C).permute(0, 2, 3, 1)
-    return torch.addcmul(y, x, border_correction(coef, offsets, H, W).to(x.dtype))
-
-
 @register_notrace_function  # device-dependent branch: an FX leaf
 def diffusion_step(
         x: torch.Tensor,
         coef: torch.Tensor,
         basis: torch.Tensor,
         offsets: List[int],
-        method: str = 'auto',
         self_weight: float = 1.,
+        method: str = 'auto',
 ) -> torch.Tensor:
-    """The whole primary-diffusion update ``H + δt·K(H)`` (fast path; same math as ``x + primary_diffusion``).
+    """One primary-diffusion step ``self_weight·H + δt·K(H)`` on a channels-last token map.
 
-    ``self_weight`` scales the identity: ``1`` (default) gives the step, ``0`` the update ``δt·K(H)`` alone
-    (what drop-path training needs as a separate branch).
+    ``K(H)_i = Σ_s Σ_{j∈N_s(i)} a_s ⊙ (H_j − H_i)`` over in-grid neighbours only (no-flux border). ``self_weight``
+    ``1`` (default) gives the step, ``0`` the update ``δt·K(H)`` alone (a drop-path branch).
 
-    Three implementations of the same sum:
+    Args:
+        x: Token map ``(B, h, w, C)``.
+        coef: ``δt·a_s`` from :func:`diffusion_coefficients`, ``(S, C)``.
+        basis: :func:`stencil_basis` for ``offsets``, ``(S, k, k)``.
+        offsets: Grid offsets of the scales.
+        self_weight: Weight of the identity.
+        method: ``'auto'`` (below), ``'conv'`` or ``'shift'`` (benchmarks and tests).
 
-    * ``'conv'``: the identity is folded into the stencil's centre tap, so one depthwise ``k×k`` conv yields
-      ``(I + δt·K_zero-padded)·H`` and the border correction is added in place on the fresh conv output (conv's
-      backward needs only its input and weight, so the in-place add is autograd-safe). One library kernel on GPU,
-      but ``k² = 81`` taps where the stencil has 13: the slowest form on CPU.
-    * ``'shift'``: ``centre ⊙ H`` then one in-place ``addcmul_`` per neighbour direction on shifted slices,
-      13 taps. Out-of-grid neighbours simply have no slice, and the centre weight
-      ``1 − Σ_s (#in-grid neighbours)·δt·a_s`` carries the no-flux rule. Fastest on one CPU thread, with a
-      hand-written backward; each pass is its own OpenMP region, though.
-    * ``'sep'``: the plus-shaped stencil as a ``1×k`` conv (with the centre tap) plus a ``k×1`` conv, then the
-      border correction: ``2k`` taps in 4 parallel regions.
+    Two implementations of the same sum, one per execution mode (never per autograd mode):
 
-    ``'auto'`` picks ``'conv'`` on GPU and for compiled CPU inference, ``'shift'`` otherwise on CPU. Measured on an
-    idle 2-core machine (``python eval/diffusion_forms.py`` -> ``eval/results/diffusion_forms.md``): ``'conv'`` is
-    the slowest eager CPU form (forward + backward 3–6× the others); ``'shift'`` is the fastest forward + backward
-    at 1 and 2 threads, and in the whole ldn_small it ties ``'sep'`` at 224 / 1024 px inference and wins the
-    training step. (An earlier rule sent 2+ threads to ``'conv'``: on busy shared cores each of the shifted
-    step's passes waits at a barrier for a descheduled thread, but on an idle machine that rule was the slowest.)
-    Tracing exporters get ``'conv'`` for ``'shift'``.
+    * ``'conv'``: all scales and the identity folded into one depthwise ``k×k`` stencil conv, then the border
+      correction added in place on the fresh conv output (conv's backward needs only its input and weight).
+      One library kernel: GPUs, and tracing exporters (shape-generic, where shifted slices would freeze the grid).
+    * ``'shift'``: ``centre ⊙ H`` plus one in-place multiply-add per neighbour direction on shifted slices,
+      13 taps where the conv has ``k² = 81``; out-of-grid neighbours have no slice, and the centre weight carries
+      the no-flux rule. A hand-written backward (the step is symmetric). CPU, eager and compiled.
+
+    Measured on this 2-core CPU in the whole ldn_small (``python eval/diffusion_forms.py``): see
+    ``eval/results/diffusion_forms.md``.
     """
-    # tracing exporters (ONNX, jit.trace, torch.export) would freeze the shifted slices' bounds to the example
-    # grid and silently give wrong results at other sizes: they always get the shape-generic conv form
-    if method not in ('auto', 'conv', 'shift', 'sep'):  # = DIFFUSION_METHODS (TorchScript takes no global tuple)
-        raise ValueError('diffusion method must be one of auto, conv, shift, sep; got ' + method + '.')
     if method == 'auto':
-        method = _auto_method(x)
-    if method == 'shift' and not _exporting():
+        method = 'shift' if x.device.type == 'cpu' and not _exporting() else 'conv'
+    if method == 'shift':
         return _shifted_diffusion_step(x, coef, offsets, self_weight)
-    if method == 'sep':
-        return _separable_diffusion_step(x, coef, basis, offsets, self_weight)
+    if method != 'conv':
+        raise ValueError('diffusion method must be auto, conv or shift; got ' + method + '.')
     B, H, W, C = x.shape
     size = basis.shape[-1]
     radius = (size - 1) // 2
-    weight = coef.t() @ basis.reshape(basis.shape[0], -1)  # (C, k·k)
+    weight = coef.t() @ basis.reshape(basis.shape[0], -1).to(coef.dtype)  # (C, k·k)
     centre = radius * size + radius
     identity = (torch.arange(size * size, device=x.device) == centre).to(weight.dtype)  # one-hot centre tap
     weight = (weight + self_weight * identity).reshape(C, 1, size, size).to(x.dtype)
+    # NHWC -> NCHW view is channels_last in memory: the depthwise conv runs without a layout copy
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, padding=radius, groups=C).permute(0, 2, 3, 1)
     return y.addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
-
-
-def _separable_diffusion_step(
-        x: torch.Tensor,
-        coef: torch.Tensor,
-        basis: torch.Tensor,
-        offsets: List[int],
-        self_weight: float,
-) -> torch.Tensor:
-    """The plus-shaped stencil as a ``1×k`` and a ``k×1`` depthwise conv: ``2k`` taps instead of ``k²``."""
-    B, H, W, C = x.shape
-    size = basis.shape[-1]
-    radius = (size - 1) // 2
-    weight = (coef.t() @ basis.reshape(basis.shape[0], -1)).reshape(C, size, size)
-    centre = (torch.arange(size, device=x.device) == radius).to(weight.dtype)
-    # the centre tap (identity and −4Σδt·a_s) rides in the row conv; the column conv skips it
-    row = (weight[:, radius, :] + self_weight * centre).reshape(C, 1, 1, size).to(x.dtype)
-    col = (weight[:, :, radius] * (1. - centre)).reshape(C, 1, size, 1).to(x.dtype)
-    xc = x.permute(0, 3, 1, 2)  # channels_last view: no layout copy
-    y = F.conv2d(xc, row, padding=(0, radius), groups=C)
-    y = y + F.conv2d(xc, col, padding=(radius, 0), groups=C)
-    return y.permute(0, 2, 3, 1).addcmul_(x, border_correction(coef, offsets, H, W).to(x.dtype))
-
-
-def per_sample_diffusion_step(
-        x: torch.Tensor,
-        coef: torch.Tensor,
-        offsets: List[int],
-        self_weight: float = 1.,
-) -> torch.Tensor:
-    """``self_weight·H + δt·K(H)`` with per-sample coefficients ``coef`` of shape ``(B, S, C)``.
-
-    Same sum as :func:`diffusion_step` (centre weight carries the no-flux rule, one shifted multiply-add per
-    neighbour direction), for a time step that depends on the input; plain autograd.
-    """
-    B, H, W, C = x.shape
-    coef = coef.to(x.dtype)
-    rows = torch.arange(H, device=x.device)
-    cols = torch.arange(W, device=x.device)
-    d = torch.tensor(offsets, device=x.device)
-    row_missing = (rows[:, None] < d).to(x.dtype) + (rows[:, None] >= H - d).to(x.dtype)  # (h, S)
-    col_missing = (cols[:, None] < d).to(x.dtype) + (cols[:, None] >= W - d).to(x.dtype)  # (w, S)
-    missing = (row_missing @ coef).unsqueeze(2) + (col_missing @ coef).unsqueeze(1)  # (B, h, w, C)
-    centre = missing + (self_weight - 4. * coef.sum(1)).view(B, 1, 1, C)
-    y = x * centre
-    for s, dd in enumerate(offsets):
-        c = coef[:, s].view(B, 1, 1, C)
-        y[:, dd:] += x[:, :-dd] * c
-        y[:, :-dd] += x[:, dd:] * c
-        y[:, :, dd:] += x[:, :, :-dd] * c
-        y[:, :, :-dd] += x[:, :, dd:] * c
-    return y
-
-
-def _auto_method(x: torch.Tensor) -> str:
-    """GPU: the dense conv (one library kernel). CPU: the shifted step, except compiled inference, which takes the
-    conv: inductor's loop for the 13 in-place slice updates ran slower than eager (one check, ldn_small 224 px b8,
-    1 thread on a busy machine: compiled shift 1637 ms, sep 1386, conv 1348, eager 1522; the compile table in
-    ``eval/results/benchmark_cpu_compile.md`` is with this rule). Eager forms: ``eval/results/diffusion_forms.md``."""
-    if x.device.type != 'cpu':
-        return 'conv'
-    if _compiling() and not torch.is_grad_enabled():
-        return 'conv'
-    return 'shift'
 
 
 @torch.jit.unused
@@ -424,36 +318,25 @@ def positive_feature_map(x: torch.Tensor) -> torch.Tensor:
     return _positive_feature_map_forward(x)
 
 
-# φ choices: 'elu' = elu+1 (default, fast packed path), 'relu' = relu + 1e-3 (sparse, strictly positive),
-# 'softplus' (smooth, positive). All keep w_ij > 0, so D⁻¹W is a row-stochastic averaging operator.
-FEATURE_MAPS: Tuple[str, ...] = ('elu', 'relu', 'softplus')
-
-
-def feature_map(x: torch.Tensor, name: str = 'elu') -> torch.Tensor:
-    """The positive feature map φ named ``name`` (one of :data:`FEATURE_MAPS`)."""
-    if name == 'elu':
-        return positive_feature_map(x)
-    if name == 'relu':
-        return F.relu(x) + 1e-3  # the floor keeps every w_ij, and so the normaliser, strictly positive
-    if name == 'softplus':
-        return F.softplus(x)
-    raise ValueError('unknown feature map ' + name + ', use one of elu, relu, softplus.')
-
-
 def linear_diffusion_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi: str = 'elu') -> torch.Tensor:
-    """``A_diff(U) = (D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, in ``O(N·d²)`` per head.
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        phi: Callable[[torch.Tensor], torch.Tensor] = None,
+) -> torch.Tensor:
+    """``A_diff(U) = (D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, in ``O(N·d²)`` per head (the readable form).
 
     Args:
         q, k, v: ``(B, heads, N, d)``.
-        phi: Name of the positive feature map φ (:data:`FEATURE_MAPS`).
+        phi: Positive feature map φ (default :func:`positive_feature_map`, elu + 1).
     Returns:
         ``Σ_j w_ij (v_j − v_i) / Σ_j w_ij`` for every token, ``(B, heads, N, d)``. Rows of ``D⁻¹W − I`` sum to
         zero, so a constant ``V`` gives exactly ``0`` up to rounding.
     """
-    q = feature_map(q, phi)
+    phi = phi or positive_feature_map
+    q = phi(q)
     # 1/N keeps φ(K)ᵀV and Σφ(K) O(1) at any resolution (fp16 range); it cancels in the ratio
-    k = feature_map(k, phi) * (1. / k.shape[-2])
+    k = phi(k) * (1. / k.shape[-2])
     kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the only global summary, never N×N
     normalizer = q @ k.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
     return (q @ kv) / normalizer - v
@@ -467,113 +350,51 @@ def _exporting() -> bool:
         return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
-def _compiling() -> bool:
-    if torch.jit.is_scripting():
-        return False
-    else:
-        return torch.compiler.is_compiling()
-
-
-def _in_onnx_export() -> bool:
-    """``torch.onnx.is_in_onnx_export()`` that TorchScript can compile (the call itself is not scriptable)."""
-    if torch.jit.is_scripting():
-        return False
-    else:
-        return torch.onnx.is_in_onnx_export()
-
-
 @register_notrace_function  # φ branches on requires_grad: keep the whole op an FX leaf
-def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int, inplace: bool = False) -> torch.Tensor:
+def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """:func:`linear_diffusion_attention` straight from the fused qkv projection, ``(B, N, 3C) -> (B, N, C)``.
 
-    Same math, fewer passes and layout round trips (the fast path the model uses):
+    Same math, fewer passes and layout copies (the form the model runs):
 
-    * φ runs once over the contiguous ``[q | k]`` half of the projection, before any head permute;
-    * the normaliser ``φ(K)ᵀ1`` rides along as an extra column of ``φ(K)ᵀV`` (a ``d×(d+1)`` matrix per head),
-      so ``φ(Q)`` is read by a single batched matmul that yields numerator and denominator together;
+    * φ runs once over the contiguous ``[q | k]`` part of the projection, before any head split;
+    * the normaliser ``φ(K)ᵀ1`` rides along as an extra column of ``φ(K)ᵀV`` (``d×(d+1)`` per head), so one
+      batched matmul over ``φ(Q)`` yields numerator and denominator together;
     * the ``1/N`` scale is applied to that tiny matrix instead of to ``φ(K)``;
-    * q, k and v stay strided views of the projection: the batched matmuls run per sample (or per head), where
-      each matrix is one BLAS-readable stride, instead of a 4-D matmul that would copy all three first;
-    * the last elementwise op writes ``v − num/den`` token-major, into its slice of the ``(B, N, C)`` output
-      without autograd (one stack assembles it with autograd), and one in-place negation flips the sign: exact,
-      and far cheaper than a transposing copy.
+    * q, k and v stay strided ``(B, N, d)`` views of the projection, one head at a time: each is a matrix the BLAS
+      reads as is, where a 4-D ``(B, heads, N, d)`` matmul would first copy all three.
 
     Args:
         qkv: ``(B, N, 3C)`` output of the qkv projection, ``[q | k | v]`` with heads contiguous in each third.
         num_heads: Number of heads ``h``, ``d = C / h``.
-        inplace: Overwrite the ``[q | k]`` part of ``qkv`` with φ(q), φ(k) instead of allocating (only without
-            autograd, and only when the caller owns ``qkv``): large CPU temporaries cost page faults in glibc.
     Returns:
-        ``A_diff`` in token-major layout ``(B, N, C)``, contiguous, heads concatenated along channels.
+        ``A_diff`` token-major ``(B, N, C)``, heads concatenated along channels.
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
     d = C // num_heads
-    qk = qkv[..., :2 * C]
-    if inplace:
-        e = qk.clamp_max(0.).exp_()
-        qk = qk.clamp_min_(0.).add_(e)  # = positive_feature_map(qk), written over the projection
-    else:
-        qk = positive_feature_map(qk)
-    q = qk[..., :C].view(B, N, num_heads, d)  # token-major views: (b, h) is not one stride, so no 4-D matmul
+    qk = positive_feature_map(qkv[..., :2 * C])
+    q = qk[..., :C].view(B, N, num_heads, d)
     k = qk[..., C:].view(B, N, num_heads, d)
     v = qkv[..., 2 * C:].view(B, N, num_heads, d)
     k_sum = k.sum(1)  # (B, heads, d): φ(K)ᵀ1 of every head at once
-    # Each (sample, head) matrix is a strided view the BLAS reads as is; a 4-D matmul would first flatten (b, h)
-    # into one batch dim, which these strides do not allow, and so copy q, k and v. Batched matmuls over the
-    # smaller of the two dims take the views directly (one bmm per sample, or per head).
-    # traced or compiled graphs unroll this loop: there it runs over heads, which the batch size cannot change
-    # (graphs also get no out= into strided views, which dynamo does not take)
-    eager = not _exporting() and not _compiling()
-    per_sample = eager and B <= num_heads  # no batch-size guard in graphs
-    groups = B if per_sample else num_heads
-    onnx = _in_onnx_export()
-    out: Optional[torch.Tensor] = None
-    if eager and not torch.is_grad_enabled():
-        out = torch.empty(B, N, C, dtype=qkv.dtype, device=qkv.device)
-    parts: List[torch.Tensor] = []
-    for i in range(groups):
-        if per_sample:  # (heads, N, d) views of sample i
-            q_g, k_g, v_g, ks_g = q[i].transpose(0, 1), k[i].transpose(0, 1), v[i].transpose(0, 1), k_sum[i]
-        else:  # (B, N, d) views of head i
-            q_g, k_g, v_g, ks_g = q[:, :, i], k[:, :, i], v[:, :, i], k_sum[:, i]
-        # [φ(K)ᵀV | φ(K)ᵀ1] / N: (G, d, d+1); the normaliser rides along as an extra column
-        kv = torch.cat([torch.bmm(k_g.transpose(1, 2), v_g), ks_g.unsqueeze(-1)], dim=-1) * (1. / N)
-        y = torch.bmm(q_g, kv)  # (G, N, d+1): numerator and denominator of every token in one matmul
-        if out is not None:  # no autograd: written straight into its slice of the token-major output
-            o = out.view(B, N, num_heads, d)
-            o_g = o[i].transpose(0, 1) if per_sample else o[:, :, i]
-            torch.addcdiv(v_g, y[..., :d], y[..., d:], value=-1., out=o_g)  # v − num/den = −A_diff
-        else:
-            if onnx:  # TorchScript ONNX exporter (timm's onnx_export.py default) lacks addcdiv
-                a = y[..., :d] / y[..., d:] - v_g  # A_diff itself
-            else:
-                a = torch.addcdiv(v_g, y[..., :d], y[..., d:], value=-1.)
-            parts.append(a.transpose(0, 1) if per_sample else a)
-    if out is None:  # autograd: one stack assembles (B, N, heads, d) token-major
-        out = torch.stack(parts, dim=0 if per_sample else 2).reshape(B, N, C)
-        if onnx:
-            return out
-    # −A_diff → A_diff in place: exact, one pass (addcdiv's backward never reads its output: autograd-safe)
-    return out.neg_()
-
-
-def softmax_diffusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact variant ``w_ij = exp(q_i·k_j/√d)``: softmax attention minus identity (``O(N²)``, fused SDPA)."""
-    return F.scaled_dot_product_attention(q, k, v) - v
+    heads: List[torch.Tensor] = []
+    for i in range(num_heads):
+        q_i, k_i, v_i = q[:, :, i], k[:, :, i], v[:, :, i]  # (B, N, d) strided views
+        # [φ(K)ᵀV | φ(K)ᵀ1] / N: (B, d, d+1)
+        kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_sum[:, i].unsqueeze(-1)], dim=-1) * (1. / N)
+        y = torch.bmm(q_i, kv)  # (B, N, d+1): numerator and denominator of every token
+        heads.append(y[..., :d] / y[..., d:] - v_i)
+    return torch.stack(heads, dim=2).reshape(B, N, C)
 
 
 def diffusion_attention_reference(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        kernel: str = 'linear',
-        phi: str = 'elu',
+        phi: Callable[[torch.Tensor], torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Dense ``(D⁻¹W − I)·V`` with the ``N×N`` matrix built explicitly (tests only)."""
-    if kernel == 'linear':
-        w = feature_map(q, phi) @ feature_map(k, phi).transpose(-2, -1)
-    else:
-        w = torch.exp((q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5)
+    """Dense ``(D⁻¹W − I)·V`` with the ``N×N`` matrix ``W = φ(Q)φ(K)ᵀ`` built explicitly (tests only)."""
+    phi = phi or positive_feature_map
+    w = phi(q) @ phi(k).transpose(-2, -1)
     degree = w.sum(-1, keepdim=True)
     return (w / degree) @ v - v

@@ -46,7 +46,7 @@ MANIFEST_SCHEMA: Dict[str, Any] = {
     'filename': str,         # file inside the Hub repo, 'model.safetensors'
     'sha256': str,           # hex digest of that file
     'size': int,             # bytes
-    'layout_version': int,   # ldn.LDN_LAYOUT_VERSION of the parameter layout
+    'layout_version': int,   # _checkpoint.LDN_LAYOUT_VERSION of the parameter layout
     'provenance': dict,      # recipe, data, commit (+ checkpoint, epoch, created)
     'eval': dict,            # evaluation result(s)
     'reproduce': str,        # command that reproduces the weights / the evaluation
@@ -163,23 +163,6 @@ def find_entry(
         if entry['hf_hub_id'] == repo_id and entry['filename'] == filename:
             return entry
     return None
-
-
-def tag_model_args(variant: str, pretrained_cfg: Optional[Any] = None) -> Dict[str, Any]:
-    """Architecture arguments a published tag was trained with (its manifest ``model_args``), else ``{}``.
-
-    Weights of an earlier default block (e.g. parameter layout v1: no depthwise conv in F, MLP ratio 4) stay
-    loadable after the registered default changes: ``create_model('<arch>.<tag>')`` builds the tag's own block.
-    Explicit keyword arguments of the caller win over these.
-    """
-    from timm.models import resolve_pretrained_cfg
-    try:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
-    except RuntimeError:  # unknown tag: resolve_pretrained_overlay names the tags that exist
-        return {}
-    repo = cfg.get('hf_hub_id')
-    entry = find_entry(repo, cfg.get('hf_hub_filename') or WEIGHTS_FILENAME) if repo else None
-    return dict(entry.get('model_args') or {}) if entry else {}
 
 
 def sha256_file(path: Union[str, Path], chunk_size: int = 1 << 20) -> str:
@@ -355,7 +338,7 @@ def verified_snapshot(model_name: str, cache_dir: Optional[Union[str, Path]] = N
     return the local snapshot folder.
 
     For loaders that fetch Hub files themselves and so skip the manifest check, e.g. transformers:
-    ``AutoModelForImageClassification.from_pretrained(verified_snapshot('ldn_nano_patch4_28.fmnist'))`` loads
+    ``AutoModelForImageClassification.from_pretrained(verified_snapshot('ldn_nano_patch4_28.fmnist_v2'))`` loads
     exactly the verified bytes, from disk.
     """
     entry = load_manifest().get('weights', {}).get(model_name)

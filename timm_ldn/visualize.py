@@ -17,7 +17,6 @@ for LDN-specific pictures, ``blocks[i].diffusion.coefficients()``, ``blocks[i].a
 * :func:`grad_cam`: class evidence on the NCHW map that ``forward_features`` returns.
 """
 import copy
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -25,7 +24,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import diffusion as _diffusion
 from .diffusion import NEIGHBOURS_PER_SCALE, positive_feature_map
 
 __all__ = [
@@ -278,45 +276,18 @@ def check_local(erf: ReceptiveField, offsets: Sequence[int]) -> None:
                     'still mixes tokens; extend timm_ldn.visualize.diffusion_only to zero it.')
 
 
-def _recording(fn: Callable, record: List[torch.Tensor]) -> Callable:
-    def recorded(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        record.append(out)
-        return out
-    return recorded
-
-
-def _used_coefficients(model: nn.Module, images: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    """``δt·a_s`` of every block as ``(S, samples·C)``: the parameters alone, or, when δt depends on the input
-    (``coefficients()`` then needs the token map), the per-image values the model uses on ``images``."""
-    diffusions = []
+def _used_coefficients(model: nn.Module) -> List[torch.Tensor]:
+    """``δt·a_s`` of every block as ``(S, C)``."""
+    coefs = []
     for blk in _blocks(model):
         diffusion = _require(blk, 'diffusion', 'diffusion_scales')
-        _require(diffusion, 'coefficients', 'diffusion_scales')
-        diffusions.append(diffusion)
-    try:
         with torch.no_grad():
-            coefs = [d.coefficients() for d in diffusions]
-    except (TypeError, ValueError):  # input-dependent δt: record what each block computes on the images
-        if images is None:
-            raise ValueError('This model\'s time step depends on the input: pass images to see its diffusion steps.')
-        records: List[List[torch.Tensor]] = [[] for _ in diffusions]
-        for d, rec in zip(diffusions, records):  # instance attribute shadows the method for this forward only
-            d.coefficients = _recording(d.coefficients, rec)
-        try:
-            param = next(model.parameters())
-            with torch.no_grad():
-                model.eval().forward_features(images.to(param.device, param.dtype))
-        finally:
-            for d in diffusions:
-                del d.coefficients
-        coefs = [torch.cat([c.reshape(-1, *c.shape[-2:]) for c in rec]) for rec in records]  # (B, S, C)
-    return [c.detach().double().cpu().reshape(-1, *c.shape[-2:]).transpose(0, 1).flatten(1) for c in coefs]
+            coefs.append(_require(diffusion, 'coefficients', 'diffusion_scales')().detach().double().cpu())
+    return coefs
 
 
-def diffusion_scales(model: nn.Module, images: Optional[torch.Tensor] = None) -> Dict[str, Any]:
-    """Effective diffusion steps ``δt·a_s`` of every block, summarised over channels (and images, when δt depends
-    on the input: then ``images`` are needed).
+def diffusion_scales(model: nn.Module) -> Dict[str, Any]:
+    """Effective diffusion steps ``δt·a_s`` of every block, summarised over channels.
 
     Returns lists over blocks (outer) and scales (inner): ``mean``, ``p10``, ``p90``, ``max`` over channels;
     ``share``: each scale's fraction of the block's total step; per block ``step_sum_max`` / ``step_sum_mean``:
@@ -324,7 +295,7 @@ def diffusion_scales(model: nn.Module, images: Optional[torch.Tensor] = None) ->
     """
     rows: Dict[str, List] = {k: [] for k in (
         'mean', 'p10', 'p90', 'max', 'share', 'step_sum_max', 'step_sum_mean', 'margin')}
-    for coef in _used_coefficients(model, images):  # (S, C)
+    for coef in _used_coefficients(model):  # (S, C)
         q = torch.quantile(coef, torch.tensor([.1, .9], dtype=coef.dtype), dim=1)
         step_sum = NEIGHBOURS_PER_SCALE * coef.sum(0)  # per channel: Σ_s |N_s|·δt·a_s
         rows['mean'].append(coef.mean(1).tolist())
@@ -366,17 +337,15 @@ def resolve_query(query: Union[int, Tuple[int, int], Sequence[int]], grid: Tuple
 
 
 def _has_attention(blk: nn.Module) -> bool:
-    """False for blocks built without A_diff (the ``attn_kernel='none'`` ablation leaves an empty module)."""
+    """False for blocks built without A_diff (an attention layer without parameters, e.g. the study's ablation)."""
     attn = getattr(blk, 'attn', None)
     return attn is not None and any(True for _ in attn.parameters())
 
 
 def attention_feature_map(attn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """φ of a linear-kernel attention module: the one its ``feature_map`` names, else ``elu + 1``."""
-    name = getattr(attn, 'feature_map', None)
-    if isinstance(name, str) and hasattr(_diffusion, 'feature_map'):
-        return lambda x: _diffusion.feature_map(x, name)
-    return positive_feature_map
+    """φ of a linear-kernel attention module: its own ``feature_map`` method if it has one, else ``elu + 1``."""
+    phi = getattr(attn, 'feature_map', None)
+    return phi if callable(phi) else positive_feature_map
 
 
 def attention_rows(
@@ -388,8 +357,7 @@ def attention_rows(
     """Normalised A_diff weights ``w_ij / Σ_j w_ij`` of query token ``i`` in block ``layer``, ``(B, heads, h, w)``.
 
     The block's attention input is captured with a hook and ``q_i``, ``K`` recomputed from ``attn.qkv``:
-    ``w_ij = φ(q_i)·φ(k_j)`` for the linear kernel (``exp(q_i·k_j/√d)`` for the softmax one), one row, ``O(N·d)``
-    per head. As a guard against a changed kernel the row is checked against the layer's own output: ``Σ_j ŵ_ij
+    ``w_ij = φ(q_i)·φ(k_j)``, one row, ``O(N·d)`` per head. As a guard against a changed kernel the row is checked against the layer's own output: ``Σ_j ŵ_ij
     v_j − v_i`` must equal what the block's ``attn`` computed for token ``i`` before its output projection.
     """
     layer = resolve_layer(model, layer)
@@ -421,17 +389,15 @@ def attention_rows(
     i = r * grid[1] + c
     with torch.no_grad():
         u = captured['u']
+        u = u.reshape(u.shape[0], -1, u.shape[-1])  # a channels-last map or a sequence: (B, N, C)
         B, N, C = u.shape
         d = C // num_heads
         qkv = qkv_proj(u)
         q = qkv[:, i, :C].reshape(B, num_heads, 1, d)
         k = qkv[:, :, C:2 * C].reshape(B, N, num_heads, d).transpose(1, 2)  # (B, heads, N, d)
         v = qkv[:, :, 2 * C:].reshape(B, N, num_heads, d).transpose(1, 2)
-        if _require(attn, 'use_linear', 'attention_rows'):
-            phi = attention_feature_map(attn)
-            w = (phi(k) * phi(q)).sum(-1)  # (B, heads, N): one row of W
-        else:
-            w = ((k * q).sum(-1) / math.sqrt(d)).softmax(-1)
+        phi = attention_feature_map(attn)
+        w = (phi(k) * phi(q)).sum(-1)  # (B, heads, N): one row of W
         w = w / w.sum(-1, keepdim=True)
         recomputed = (w.unsqueeze(-1) * v).sum(-2) - v[:, :, i]  # (B, heads, d)
         actual = captured['a'][:, i].reshape(B, num_heads, d)

@@ -1,609 +1,135 @@
-"""``ldn benchmark``: LDN vs timm peers, measured side by side in one process.
+"""``ldn benchmark MODEL``: time one model (any timm name, ``ldn_small`` or ``deit_small_patch16_224``) here.
 
-Design (why each choice):
+Randomly initialised weights, one input batch, ``--warmup`` untimed calls then ``--iters`` timed ones (wall clock,
+synchronised on GPU); prints the median ms per call, its min–max and images/s. ``--train`` times a training step
+(forward, cross-entropy, backward, AdamW) instead of an inference forward. ``--model-kwargs key=value ...`` is
+timm's convention (``timm.utils.ParseKwargs``, values read as Python literals). Nothing is written unless
+``--json PATH`` is given (``--json`` alone prints the result as JSON instead of the text line).
 
-* **Alternating rounds.** The machine is shared, so absolute timings drift by 2x within a minute. Every case
-  (resolution, batch) times all its models round-robin, one round after another; the LDN/DeiT ratio is taken per
-  round (the two timings are seconds apart) and the median of those paired ratios is reported with its min–max.
-* **What users see is the default.** ``--threads 0`` (default) uses every core and times the wall clock, as a
-  user running the model does. Multi-threaded timings on shared cores are noisy (an OpenMP team waits at every
-  barrier for a descheduled sibling), so rounds are many and short and only paired per-round ratios are
-  reported, with their spread.
-* **Second view, one thread.** ``--threads 1`` times process CPU time (``--clock cpu``): it does not charge a
-  model for the time the process waited while another job held the core (the compute each model needs).
-* **Modes.** ``--mode eager`` (fp32), ``compile`` (``torch.compile``, inductor, both models, fp32) and ``bf16``
-  (``torch.autocast`` bfloat16, both models, eager). ``--model-kwargs k=v ...`` passes constructor overrides to
-  the LDN models, so a candidate block is benchmarked the same way as the registered default.
-* **timm's own benchmark.py.** ``--timm-benchmark PATH`` runs ``benchmark.py`` of a timm checkout (never shipped
-  here) on the same pairs, alternating the models as separate processes, and compares its figures with ours.
-* **Peak memory.** CPU: the high-water mark of live ATen tensor bytes during one batch-1 forward, from the
-  profiler's allocation/free events (``profile_memory=True``), i.e. activations and workspaces, not weights,
-  input or allocator caching. This is the CPU analogue of ``torch.cuda.max_memory_allocated`` (which is used on
-  GPU, measured after ``reset_peak_memory_stats`` with weights already resident).
-* **GMACs.** ``FlopCounterMode`` on the meta device (no compute). On the meta device SDPA decomposes into
-  matmuls, so DeiT's attention is counted (on CPU tensors the fused kernel has no formula and counts as 0).
-  MACs are counted as executed: LDN's stencil conv counts its full k×k kernel.
-* **Exponents.** Time per image (at each case's batch) and batch-1 peak memory are fitted as ``c·N^p`` over the
-  token count ``N`` by least squares in log-log; ``p ≈ 1`` is linear.
+The LDN-vs-DeiT tables of the README (round-robin timing, peak memory, exponents, timm's benchmark.py
+cross-check) come from ``python eval/benchmark.py`` in a source checkout.
 """
 import argparse
-import csv
 import json
-import math
 import os
-import platform
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Case', 'plan_cases', 'build_model', 'count_gmacs', 'peak_memory_mb', 'time_round_robin',
-           'train_step_round_robin', 'fit_exponent', 'run_benchmark', 'add_arguments', 'run']
-
-PAIRS = {  # size -> (LDN model, its DeiT reference)
-    'tiny': ('ldn_tiny', 'deit_tiny_patch16_224'),
-    'small': ('ldn_small', 'deit_small_patch16_224'),
-    'base': ('ldn_base', 'deit_base_patch16_224'),
-}
-PEERS = ('vit_small_patch16_224', 'convnext_tiny', 'mambaout_small')
-PATCH = 16
-MODES = ('eager', 'compile', 'bf16')
+__all__ = ['add_arguments', 'run', 'build_model', 'time_calls']
 
 
-@dataclass
-class Case:
-    size: str  # 'tiny' | 'small' | 'base'
-    resolution: int
-    batch: int
-    models: List[str]
-    rounds: int
-    reference: str = ''  # the DeiT every other model's ratio is taken against
+def build_model(name: str, img_size: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                device: Any = 'cpu') -> nn.Module:
+    """``timm.create_model(name, **model_kwargs)`` with random weights, in eval mode, on ``device``.
 
-    def __post_init__(self):
-        self.reference = self.reference or PAIRS[self.size][1]
-
-
-def plan_cases(quick: bool = False, sizes: Sequence[str] = ('tiny', 'small', 'base'), peers: bool = True,
-               rounds: int = 5, mode: str = 'eager') -> List[Case]:
-    """The measurement plan. The full eager plan is sized to finish in ~15 min on this 2-core machine;
-    compiled and bf16 runs take the issue's three cases per size (224 b8, 512 b2, 1024 b1)."""
-    if quick:  # smoke test: seconds, not meaningful numbers
-        return [Case('tiny', r, 1, list(PAIRS['tiny']), 2) for r in (64, 128)]
-    res_batch = {
-        'tiny': [(224, 8), (512, 2), (1024, 1)],
-        'small': [(224, 8), (384, 4), (512, 2), (768, 1), (1024, 1)],
-        'base': [(224, 4), (512, 1), (1024, 1)],
-    }
-    if mode != 'eager':
-        res_batch['small'] = [(224, 8), (512, 2), (1024, 1)]
-        peers = False
-    cases = []
-    for size in sizes:
-        for res, batch in res_batch[size]:
-            models = list(PAIRS[size])
-            if size == 'small' and res == 224 and peers:
-                models += list(PEERS)
-            # base at 1024 is ~1 TMAC per round: fewer rounds keep the plan inside its time budget
-            n_rounds = max(2, rounds - 2) if (size == 'base' and res >= 1024) else rounds
-            cases.append(Case(size, res, batch, models, n_rounds))
-    return cases
-
-
-# constructor overrides for the LDN models (``--model-kwargs``): benchmark a candidate block like the default
-MODEL_KWARGS: Dict[str, object] = {}
-
-
-def parse_model_kwargs(items: Sequence[str]) -> Dict[str, object]:
-    """``['mlp_dwconv=True', 'diffusion_offsets=(1,2)']`` -> kwargs (values as Python literals, else strings)."""
-    import ast
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f'--model-kwargs expects key=value, got {item!r}')
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
-def build_model(name: str, resolution: int, device: torch.device = torch.device('cpu')) -> nn.Module:
-    """Create a randomly initialised model for ``resolution`` px; ViTs get ``img_size`` so their pos-embed fits.
-
-    (timm's own benchmark.py cannot run a DeiT at another resolution without re-creating it this way:
-    its position embedding is fixed. LDN needs nothing.) LDN models get ``MODEL_KWARGS``.
+    With ``img_size`` the model is created for that size when its constructor takes one (a ViT's position
+    embedding is fixed at creation; LDN only records it); models without the argument run any size as they are.
     """
     import timm
     import timm_ldn  # noqa: F401  registers ldn_*
-    kwargs = {}
-    if name.startswith(('deit_', 'vit_')):
-        kwargs['img_size'] = resolution
-    if name.startswith('ldn_'):
-        kwargs.update(MODEL_KWARGS)
+    kwargs = dict(model_kwargs or {})
     with torch.device(device):
-        model = timm.create_model(name, **kwargs)
-    return model.eval()
+        if img_size and 'img_size' not in kwargs:
+            try:
+                return timm.create_model(name, img_size=img_size, **kwargs).eval()
+            except TypeError as e:
+                if 'img_size' not in str(e):
+                    raise
+        return timm.create_model(name, **kwargs).eval()
 
 
-def count_gmacs(name: str, resolution: int) -> float:
-    """GMACs of one image at ``resolution``, counted on the meta device (see module docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model = build_model(name, resolution, torch.device('meta'))
-    x = torch.empty(1, 3, resolution, resolution, device='meta')
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.get_total_flops() / 2e9
-
-
-def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float:
-    """Peak extra memory (MiB) of one inference forward: CPU via profiler allocation events, CUDA via the allocator."""
-    if x.device.type == 'cuda':
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with torch.inference_mode():
-            model(x)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    from torch.profiler import ProfilerActivity, profile
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(x)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:  # nbytes > 0: allocation, < 0: free
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2 ** 20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
-# 'cpu': process CPU time. Single-threaded, it is the compute the model needed, minus the time this process
-# sat descheduled behind other jobs on the shared cores (wall time would charge that waiting to whichever
-# model happened to be running). 'wall': elapsed time (always used on GPU).
-CLOCKS = {'cpu': time.process_time, 'wall': time.perf_counter}
-_clock = CLOCKS['wall']
-
-
-def set_clock(name: str) -> None:
-    global _clock
-    _clock = CLOCKS[name]
-
-
-def _timed(fn: Callable[[], object], iters: int, device: torch.device) -> float:
-    """Seconds per call of ``fn`` averaged over ``iters`` back-to-back calls."""
-    _sync(device)
-    t0 = _clock()
-    for _ in range(iters):
+def time_calls(fn: Callable[[], object], iters: int, warmup: int = 2, device: Any = 'cpu') -> List[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` (wall clock) after ``warmup`` untimed calls."""
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    for _ in range(warmup):
         fn()
-    _sync(device)
-    return (_clock() - t0) / iters
-
-
-def time_round_robin(
-        fns: Dict[str, Callable[[], object]],
-        rounds: int,
-        device: torch.device,
-        min_round_s: float = 0.3,
-        warmup: int = 1,
-) -> Dict[str, List[float]]:
-    """Seconds per call for every function and round; functions alternate within each round.
-
-    ``iters`` per round is chosen per function from a warm-up call so each timed chunk lasts ≥ ``min_round_s``
-    (a single call when it already does), which keeps timer and dispatch noise out of small models.
-    """
-    iters = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        t = _timed(fn, 1, device)
-        iters[name] = max(1, math.ceil(min_round_s / max(t, 1e-6)))
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        # alternate the order too, so neither model always runs right after the other's cache footprint
-        order = list(fns) if r % 2 == 0 else list(fns)[::-1]
-        for name in order:
-            times[name].append(_timed(fns[name], iters[name], device))
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
     return times
 
 
-def _autocast(device: torch.device, mode: str):
-    import contextlib
-    if mode == 'bf16':
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def inference_fn(model: nn.Module, x: torch.Tensor, mode: str = 'eager') -> Callable[[], object]:
-    """One inference call of ``model`` on ``x`` in ``mode`` (compiled models run under no_grad)."""
-    if mode == 'compile':
-        compiled = torch.compile(model)
-
-        def fwd():
-            with torch.no_grad():
-                return compiled(x)
-        return fwd
-
-    def fwd():
-        with torch.inference_mode(), _autocast(x.device, mode):
-            return model(x)
-    return fwd
-
-
-def train_step_round_robin(
-        names: Sequence[str],
-        resolution: int,
-        batch: int,
-        rounds: int,
-        device: torch.device,
-        mode: str = 'eager',
-) -> Dict[str, List[float]]:
-    """Seconds per training step (forward, cross-entropy, backward, AdamW) for each model, alternating."""
-    x = torch.randn(batch, 3, resolution, resolution, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    fns = {}
-    for name in names:
-        model = build_model(name, resolution, device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-        run_model = torch.compile(model) if mode == 'compile' else model
-
-        def step(model=run_model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            with _autocast(device, mode):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-        fns[name] = step
-    return time_round_robin(fns, rounds, device, min_round_s=0.0, warmup=2)
-
-
-def fit_exponent(tokens: Sequence[float], values: Sequence[float]) -> float:
-    """Least-squares slope ``p`` of ``log(value) = p·log(tokens) + c``."""
-    lx = [math.log(t) for t in tokens]
-    ly = [math.log(v) for v in values]
-    mx, my = statistics.fmean(lx), statistics.fmean(ly)
-    den = sum((a - mx) ** 2 for a in lx)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den > 0 else float('nan')
-
-
-def _summary(values: Sequence[float]) -> Tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
-def run_benchmark(
-        cases: List[Case],
-        device: torch.device,
-        train: Optional[Tuple[str, int, int, int]] = None,
-        log: Callable[[str], None] = print,
-        mode: str = 'eager',
-        min_round_s: float = 0.3,
-) -> dict:
-    """Run every case (and the optional training comparison) and return the results as a JSON-able dict."""
-    rows = []
-    gmacs_cache: Dict[Tuple[str, int], float] = {}
-    t_start = time.time()
-    for case in cases:
-        models, fns, mem = {}, {}, {}
-        for name in case.models:
-            try:
-                models[name] = build_model(name, case.resolution, device)
-            except Exception as e:  # a peer that does not construct here is reported and skipped
-                log(f'  skip {name}: {type(e).__name__}: {e}')
-        x = torch.randn(case.batch, 3, case.resolution, case.resolution, device=device)
-        x1 = x[:1].clone()
-        for name, model in models.items():
-            with _autocast(device, mode):
-                mem[name] = peak_memory_mb(model, x1)  # eager, in the mode's precision
-            if (name, case.resolution) not in gmacs_cache:
-                gmacs_cache[name, case.resolution] = count_gmacs(name, case.resolution)
-            fns[name] = inference_fn(model, x, mode)
-        # warm-up call per model inside (compiles under --mode compile), then alternating rounds
-        times = time_round_robin(fns, case.rounds, device, min_round_s=min_round_s, warmup=2)
-        ref_times = times.get(case.reference)
-        for name in models:
-            med, lo, hi = _summary(times[name])
-            row = dict(
-                size=case.size, model=name, resolution=case.resolution, tokens=(case.resolution // PATCH) ** 2,
-                batch=case.batch, rounds=case.rounds, latency_ms=med * 1e3, latency_min_ms=lo * 1e3,
-                latency_max_ms=hi * 1e3, img_s=case.batch / med, img_s_min=case.batch / hi,
-                img_s_max=case.batch / lo, peak_mem_mb_b1=mem[name],
-                gmacs=gmacs_cache[name, case.resolution], reference=case.reference,
-            )
-            if ref_times is not None:
-                # paired per-round ratio of throughputs = reference time / model time
-                ratios = [r / t for r, t in zip(ref_times, times[name])]
-                row['speedup_vs_ref'], row['speedup_min'], row['speedup_max'] = _summary(ratios)
-                row['mem_ratio_vs_ref'] = mem[name] / mem[case.reference] if mem[case.reference] > 0 else float('nan')
-            rows.append(row)
-            log(f"  {case.size:5s} {case.resolution:4d}px b{case.batch} {name:28s} {row['img_s']:8.2f} img/s "
-                f"x{row.get('speedup_vs_ref', float('nan')):.2f} vs ref  mem {mem[name]:7.1f} MiB  "
-                f"{row['gmacs']:7.2f} GMACs  [{time.time() - t_start:5.0f}s]")
-        del models, fns
-        if mode == 'compile':
-            torch._dynamo.reset()  # drop the compiled graphs of this case
-    result = dict(rows=rows, exponents=_exponents(rows))
-    if train is not None:
-        size, resolution, batch, rounds = train
-        names = list(PAIRS[size])
-        times = train_step_round_robin(names, resolution, batch, rounds, device, mode)
-        ldn, ref = names
-        ratios = [r / t for r, t in zip(times[ref], times[ldn])]
-        result['train'] = dict(
-            size=size, resolution=resolution, batch=batch, rounds=rounds,
-            step_ms={n: _summary([t * 1e3 for t in times[n]]) for n in names},
-            speedup=_summary(ratios),
-        )
-        log(f"  train {size} {resolution}px b{batch}: {ldn} {result['train']['step_ms'][ldn][0]:.0f} ms/step, "
-            f"{ref} {result['train']['step_ms'][ref][0]:.0f} ms/step, x{result['train']['speedup'][0]:.2f}")
-    return result
-
-
-def _exponents(rows: List[dict]) -> Dict[str, Dict[str, float]]:
-    """Fitted exponents of time per image and batch-1 peak memory vs tokens, per model with ≥ 2 resolutions."""
-    out = {}
-    for name in sorted({r['model'] for r in rows}):
-        rs = sorted((r for r in rows if r['model'] == name), key=lambda r: r['tokens'])
-        if len(rs) < 2:
-            continue
-        tokens = [r['tokens'] for r in rs]
-        out[name] = dict(
-            time_per_image=fit_exponent(tokens, [r['latency_ms'] / r['batch'] for r in rs]),
-            peak_memory=fit_exponent(tokens, [r['peak_mem_mb_b1'] for r in rs]),
-            tokens_range=[tokens[0], tokens[-1]],
-        )
-    return out
-
-
-def _environment(device: torch.device) -> dict:
-    import timm
-    env = dict(torch=torch.__version__, timm=timm.__version__, python=platform.python_version(),
-               device=device.type, threads=torch.get_num_threads(), machine=platform.machine(),
-               time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-    try:
-        env['load_avg'] = os.getloadavg()
-    except OSError:
-        pass
-    if device.type == 'cuda':
-        env['gpu'] = torch.cuda.get_device_name(device)
-    return env
-
-
-def write_results(result: dict, out_dir: str, stem: str) -> List[str]:
-    """JSON (everything), CSV (one row per model and case) and the log-log PNG; returns the written paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    json_path = os.path.join(out_dir, stem + '.json')
-    with open(json_path, 'w') as f:
-        json.dump(result, f, indent=1)
-    paths.append(json_path)
-    csv_path = os.path.join(out_dir, stem + '.csv')
-    keys = list(dict.fromkeys(k for r in result['rows'] for k in r))
-    with open(csv_path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for r in result['rows']:
-            writer.writerow({k: (f'{v:.4g}' if isinstance(v, float) else v) for k, v in r.items()})
-    paths.append(csv_path)
-    png = plot_results(result, os.path.join(out_dir, stem + '.png'))
-    if png:
-        paths.append(png)
-    return paths
-
-
-def plot_results(result: dict, path: str) -> Optional[str]:
-    """Log-log time per image and peak memory vs tokens, one line per model with ≥ 2 resolutions."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = result['rows']
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in sorted({r['model'] for r in rows}):
-        rs = sorted((r for r in rows if r['model'] == name), key=lambda r: r['resolution'])
-        if len(rs) < 2:
-            continue
-        style = '-' if name.startswith('ldn') else '--'
-        tokens = [r['tokens'] for r in rs]
-        axes[0].plot(tokens, [r['latency_ms'] / r['batch'] for r in rs], style, marker='o', label=name)
-        axes[1].plot(tokens, [r['peak_mem_mb_b1'] for r in rs], style, marker='o', label=name)
-    env = result.get('environment', {})
-    axes[0].set_title(f"time per image ({env.get('device', '?')}, {env.get('threads', '?')} thr, "
-                      f"{env.get('clock', '?')} clock, {env.get('mode', 'eager')})", fontsize=9)
-    axes[0].set_ylabel('ms / image (batch per point in CSV)')
-    axes[1].set_title('peak activation memory, batch 1', fontsize=9)
-    axes[1].set_ylabel('MiB')
-    for ax in axes:
-        ax.set_xscale('log')
-        ax.set_yscale('log')
-        ax.set_xlabel('tokens N (resolution / 16)²')
-        ax.grid(True, which='both', alpha=.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def markdown_table(result: dict) -> str:
-    """The LDN-vs-DeiT ratio table that README / MODEL_CARD quote."""
-    env = result.get('environment', {})
-    lines = [f"`{result.get('command', 'ldn benchmark')}`: {env.get('threads', '?')} thread(s), "
-             f"{env.get('clock', '?')} clock, mode {env.get('mode', 'eager')}, load average "
-             f"{', '.join(f'{v:.1f}' for v in env.get('load_avg', ()))} at the end; 'vs DeiT' is the median of "
-             'per-round ratios of DeiT time / model time (min–max over rounds).', '',
-             '| model | res | batch | img/s | vs DeiT (median, min–max) | peak mem b1 (MiB) | mem vs DeiT | GMACs |',
-             '|---|---|---|---|---|---|---|---|']
-    for r in result['rows']:
-        sp = (f"{r['speedup_vs_ref']:.2f}× ({r['speedup_min']:.2f}–{r['speedup_max']:.2f})"
-              if 'speedup_vs_ref' in r else '')
-        mr = f"{r['mem_ratio_vs_ref']:.2f}" if 'mem_ratio_vs_ref' in r else ''
-        lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['img_s']:.2f} | {sp} | "
-                     f"{r['peak_mem_mb_b1']:.1f} | {mr} | {r['gmacs']:.2f} |")
-    if 'train' in result:
-        t = result['train']
-        lines.append('')
-        lines.append(f"Training step ({t['size']}, {t['resolution']} px, batch {t['batch']}, fwd+bwd+AdamW): "
-                     + ', '.join(f"{n} {v[0]:.0f} ms" for n, v in t['step_ms'].items())
-                     + f"; LDN speed vs DeiT {t['speedup'][0]:.2f}× ({t['speedup'][1]:.2f}–{t['speedup'][2]:.2f}).")
-    if result.get('exponents'):
-        lines.append('')
-        lines.append('| model | tokens | exponent: time/image | exponent: peak memory |')
-        lines.append('|---|---|---|---|')
-        for name, e in result['exponents'].items():
-            lines.append(f"| {name} | {e['tokens_range'][0]}–{e['tokens_range'][1]} | {e['time_per_image']:.2f} | "
-                         f"{e['peak_memory']:.2f} |")
-    return '\n'.join(lines)
-
-
-def profile_top_ops(name: str, resolution: int, batch: int, device: torch.device, train: bool = False,
-                    calls: int = 2, top: int = 12) -> str:
-    """Markdown table of the ``top`` ops by self CPU time (``torch.profiler``) for inference or a training step."""
-    from torch.profiler import profile
-    model = build_model(name, resolution, device)
-    x = torch.randn(batch, 3, resolution, resolution, device=device)
-    if train:
-        model.train()
-        y = torch.randint(0, 1000, (batch,), device=device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def fn():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    else:
-        def fn():
-            with torch.inference_mode():
-                model(x)
-    fn()
-    fn()
-    with profile() as prof:
-        for _ in range(calls):
-            fn()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    lines = [f"### {name} {resolution}px batch {batch} {'training step' if train else 'inference'}: "
-             f"{total / calls / 1e3:.0f} ms self CPU per call", '',
-             '| op | share | ms per call | calls per call |', '|---|---|---|---|']
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-        lines.append(f'| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% | '
-                     f'{e.self_cpu_time_total / calls / 1e3:.1f} | {e.count // calls} |')
-    return '\n'.join(lines)
-
-
-def run_profiles(device: torch.device, out_path: str) -> None:
-    """Where the time goes for the issue-5 targets: LDN-S vs DeiT-S at 224/512/1024 and the training step."""
-    plan = [(224, 8, False), (512, 2, False), (1024, 1, False), (224, 8, True)]
-    parts = [f'# torch.profiler top ops, {torch.get_num_threads()} CPU thread(s), '
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", '',
-             'Regenerate: `ldn benchmark --profile` (or `python eval/benchmark.py --profile`).', '']
-    for res, batch, train in plan:
-        for name in PAIRS['small']:
-            parts += [profile_top_ops(name, res, batch, device, train), '']
-            print(parts[-2].splitlines()[0])
-    with open(out_path, 'w') as f:
-        f.write('\n'.join(parts))
-    print('wrote', out_path)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--profile', action='store_true',
-                        help='only write torch.profiler top-op tables (LDN-S vs DeiT-S) to <out-dir>/benchmark_profile*.md')
-    parser.add_argument('--quick', action='store_true', help='seconds-long smoke run (tiny models, small images)')
-    parser.add_argument('--mode', choices=MODES, default='eager',
-                        help="'eager' fp32, 'compile' (torch.compile, inductor) or 'bf16' (autocast), both models")
-    parser.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                        help='constructor overrides for the LDN models, e.g. mlp_dwconv=True')
-    parser.add_argument('--sizes', default=None, help="comma list of tiny,small,base (default: all three for eager, "
-                                                      "small otherwise)")
-    parser.add_argument('--resolutions', default='', help='comma list: keep only these resolutions of the plan')
-    parser.add_argument('--no-peers', action='store_true', help='skip vit_small / convnext_tiny / mambaout_small')
-    parser.add_argument('--rounds', type=int, default=9, help='alternating timing rounds per case')
-    parser.add_argument('--threads', type=int, default=0,
-                        help='torch CPU threads; 0 (default) = all cores, what users see (see module docstring)')
-    parser.add_argument('--clock', choices=sorted(CLOCKS), default=None,
-                        help="timer: 'wall' (default) or 'cpu' (process CPU time, default with --threads 1)")
-    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (GPU tables: eval/gpu_benchmark.py)")
-    parser.add_argument('--no-train', action='store_true', help='skip the training-step comparison')
-    parser.add_argument('--train-batch', type=int, default=8)
-    parser.add_argument('--timm-benchmark', default=None, metavar='PATH',
-                        help="only cross-check: run PATH (benchmark.py of a timm checkout) on the LDN/DeiT pairs and "
-                             "compare with <out-dir>/benchmark_cpu.json")
-    parser.add_argument('--out-dir', default=os.path.join('eval', 'results'))
-    parser.add_argument('--name', default=None, help="file stem (default 'benchmark_<device>[_1thread][_<mode>]')")
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    parts = ['ldn benchmark']
-    if args.quick:
-        parts.append('--quick')
-    if args.mode != 'eager':
-        parts.append(f'--mode {args.mode}')
-    if args.threads:
-        parts.append(f'--threads {args.threads}')
-    if args.sizes:
-        parts.append(f'--sizes {args.sizes}')
-    if args.resolutions:
-        parts.append(f'--resolutions {args.resolutions}')
-    if args.model_kwargs:
-        parts.append('--model-kwargs ' + ' '.join(args.model_kwargs))
-    return ' '.join(parts)
+    from timm.utils import ParseKwargs
+    parser.add_argument('model', metavar='MODEL', help='any timm model name, e.g. ldn_small, deit_small_patch16_224')
+    parser.add_argument('--img-size', type=int, default=None, help="input size (default: the model's pretrained cfg)")
+    parser.add_argument('--batch-size', '-b', type=int, default=8)
+    parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (default 0: all cores)')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    parser.add_argument('--train', action='store_true', help='time a training step instead of an inference forward')
+    parser.add_argument('--iters', type=int, default=10, help='timed calls (default 10)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed calls first (default 2)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='create_model overrides, e.g. mlp_ratio=3.5 depth=4')
+    parser.add_argument('--json', nargs='?', const='-', default=None, metavar='PATH',
+                        help='write the result as JSON to PATH (without PATH: print it instead of the text line)')
 
 
 def run(args: argparse.Namespace) -> int:
+    import timm
+    if args.iters < 1 or args.batch_size < 1:
+        print('ldn benchmark: --iters and --batch-size must be at least 1', file=sys.stderr)
+        return 2
     try:
         all_cores = len(os.sched_getaffinity(0))
     except AttributeError:
         all_cores = os.cpu_count() or 1
-    threads = args.threads or all_cores
-    torch.set_num_threads(threads)
     device = torch.device(args.device)
-    clock = args.clock or ('cpu' if device.type == 'cpu' and threads == 1 else 'wall')
-    if device.type != 'cpu':
-        clock = 'wall'
-    set_clock(clock)
-    MODEL_KWARGS.clear()
-    MODEL_KWARGS.update(parse_model_kwargs(args.model_kwargs))
-    suffix = ('_1thread' if args.threads == 1 else (f'_{args.threads}threads' if args.threads else ''))
-    suffix += '' if args.mode == 'eager' else f'_{args.mode}'
-    if args.timm_benchmark:
-        from .timm_crosscheck import run_crosscheck
-        return run_crosscheck(args.timm_benchmark, args.out_dir, args.name or 'benchmark_timm',
-                              quick=args.quick, model_kwargs=args.model_kwargs)
-    if args.profile:
-        os.makedirs(args.out_dir, exist_ok=True)
-        run_profiles(device, os.path.join(args.out_dir, f'benchmark_profile{suffix}.md'))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or all_cores)
+    try:
+        try:
+            model = build_model(args.model, args.img_size, args.model_kwargs, device)
+        except RuntimeError as e:  # timm: 'Unknown model (...)'
+            print(f'ldn benchmark: {e}', file=sys.stderr)
+            return 2
+        chans, height, width = timm.data.resolve_model_data_config(model)['input_size']
+        if args.img_size:
+            height = width = args.img_size
+        x = torch.randn(args.batch_size, chans, height, width, device=device)
+        if args.train:
+            model.train()
+            y = torch.randint(0, max(1, getattr(model, 'num_classes', 1)), (args.batch_size,), device=device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def fn():
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        else:
+            def fn():
+                with torch.inference_mode():
+                    model(x)
+        times = time_calls(fn, args.iters, args.warmup, device)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads_before)
+    med = statistics.median(times)
+    result = dict(
+        model=args.model, mode='train' if args.train else 'inference', img_size=[height, width], in_chans=chans,
+        batch_size=args.batch_size, device=device.type, threads=threads, iters=args.iters, warmup=args.warmup,
+        model_kwargs=args.model_kwargs, ms_per_iter=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3,
+        img_s=args.batch_size / med, torch=torch.__version__, timm=timm.__version__,
+    )
+    line = (f"{args.model} {result['mode']} {height}x{width} batch {args.batch_size} ({device.type}, {threads} "
+            f"thread{'s' if threads > 1 else ''}): {result['ms_per_iter']:.2f} ms/iter "
+            f"(min {result['ms_min']:.2f}, max {result['ms_max']:.2f}), {result['img_s']:.1f} img/s")
+    if args.json == '-':
+        print(json.dumps(result, default=str))
         return 0
-    default_sizes = 'tiny,small,base' if args.mode == 'eager' else 'small'
-    sizes = [s for s in (args.sizes or default_sizes).split(',') if s]
-    cases = plan_cases(args.quick, sizes, peers=not args.no_peers, rounds=args.rounds, mode=args.mode)
-    if args.resolutions:
-        keep = {int(r) for r in args.resolutions.split(',')}
-        cases = [c for c in cases if c.resolution in keep]
-    train = None
-    if not args.no_train:
-        train = ('tiny', 64, 2, 2) if args.quick else ('small', 224, args.train_batch, args.rounds)
-    result = run_benchmark(cases, device, train, mode=args.mode, min_round_s=0.05 if args.quick else 0.3)
-    result['environment'] = _environment(device)
-    result['environment'].update(clock=clock, mode=args.mode, model_kwargs=MODEL_KWARGS.copy())
-    result['command'] = _command_line(args)
-    stem = args.name or ('benchmark_quick' if args.quick else f'benchmark_{device.type}{suffix}')
-    result['environment']['threads'] = torch.get_num_threads()
-    paths = write_results(result, args.out_dir, stem)
-    table = markdown_table(result)
-    with open(os.path.join(args.out_dir, stem + '.md'), 'w') as f:
-        f.write(table + '\n')
-    print(table)
-    print('wrote', ', '.join(paths + [os.path.join(args.out_dir, stem + '.md')]))
+    print(line)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+        print('wrote', args.json)
     return 0

@@ -181,7 +181,7 @@ def write_hf_config(model: torch.nn.Module, path: Path) -> None:
       ``num_classes`` either way.
     """
     from timm.models._hub import save_config_for_hf
-    from timm_ldn.ldn import LDN_LAYOUT_VERSION
+    from timm_ldn._checkpoint import LDN_LAYOUT_VERSION
 
     model_config: Dict[str, Any] = dict(ldn_layout_version=LDN_LAYOUT_VERSION)
     labels = model.pretrained_cfg.get('label_names')
@@ -200,7 +200,7 @@ def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     from timm_ldn.hub import HF_HUB_NAMESPACE, WEIGHTS_FILENAME, hub_id, probe_input, sha256_file
-    from timm_ldn.ldn import LDN_LAYOUT_VERSION, checkpoint_filter_fn, unwrap_checkpoint
+    from timm_ldn._checkpoint import LDN_LAYOUT_VERSION, checkpoint_filter_fn, unwrap_checkpoint
     from .info import model_stats
 
     arch, tag = split_model_name_tag(args.model)

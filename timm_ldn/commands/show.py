@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('pictures', nargs='*', metavar='PICTURE',
                         help=f'any of {", ".join(PICTURES)} (default: all)')
     parser.add_argument('--model', '-m', required=True, metavar='NAME[.TAG]',
-                        help='LDN to show, e.g. ldn_nano_patch4_28.fmnist (published weights) or ldn_small '
+                        help='LDN to show, e.g. ldn_nano_patch4_28.fmnist_v2 (published weights) or ldn_small '
                              '--random-init')
     parser.add_argument('--checkpoint', metavar='FILE', help='load these weights instead of the published ones')
     parser.add_argument('--random-init', action='store_true', help='randomly initialised model (no weights needed)')
@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
                 meta, layer=layer, query=list(query), grid=list(grid), images=[str(f) for f in files[:n]],
                 weights=weights.tolist()))
         if 'diffusion' in pictures:
-            stats = V.diffusion_scales(model, images)
+            stats = V.diffusion_scales(model)
             plot_diffusion(stats, out / 'diffusion.png', f'{title}: learned diffusion per layer')
             _write_json(out / 'diffusion.json', dict(meta, **stats))
         if 'gradcam' in pictures:

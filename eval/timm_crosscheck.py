@@ -1,8 +1,9 @@
-"""Cross-check of ``ldn benchmark`` against timm's own ``benchmark.py`` (``ldn benchmark --timm-benchmark PATH``).
+"""Cross-check of ``eval/benchmark.py`` against timm's own ``benchmark.py`` (``python eval/benchmark.py
+--timm-benchmark PATH``).
 
 ``benchmark.py`` lives in a timm checkout, not in the installed package (nor in the PyPI sdist); pass its path.
 It is run unmodified, one process per model and case, with the LDN and DeiT processes alternating over rounds
-(the machine is shared); a ratio is taken per round and the median reported, as in ``ldn benchmark``. Each
+(the machine is shared); a ratio is taken per round and the median reported, as in ``eval/benchmark.py``. Each
 process uses all cores (timm's default). DeiT at a resolution other than 224 needs ``--model-kwargs
 img_size=R`` (its position embedding is fixed); the first run of each such case records what happens without it.
 """
@@ -13,9 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .benchmark import PAIRS
+from bench_harness import PAIRS, kwargs_to_args
 
 # (size, resolution, batch, bench): the issue's cases; base at batch 4 as in the main plan
 CASES = [
@@ -56,7 +57,9 @@ def _ours(out_dir: str, model: str, resolution: int, batch: int) -> Optional[dic
 
 
 def run_crosscheck(script: str, out_dir: str, stem: str, quick: bool = False, rounds: int = 2,
-                   model_kwargs: Sequence[str] = ()) -> int:
+                   model_kwargs: Optional[Mapping[str, Any]] = None) -> int:
+    """Run ``script`` on the LDN/DeiT pairs (``model_kwargs``: the LDN models' overrides) and write
+    ``<out_dir>/<stem>.{json,md}``, comparing with ``<out_dir>/benchmark_cpu.json`` where it has the case."""
     if not os.path.exists(script):
         raise FileNotFoundError(f'{script}: pass the benchmark.py of a timm checkout')
     iters = (1, 5) if quick else (2, 5)  # benchmark.py logs every num_bench_iter // 5 steps: ≥ 5
@@ -64,7 +67,7 @@ def run_crosscheck(script: str, out_dir: str, stem: str, quick: bool = False, ro
     for size, res, batch, bench in (QUICK_CASES if quick else CASES):
         ldn, deit = PAIRS[size]
         key = 'infer' if bench == 'inference' else 'train'
-        ldn_extra = ['--model-kwargs', *model_kwargs] if model_kwargs else []
+        ldn_extra = ['--model-kwargs', *kwargs_to_args(model_kwargs)] if model_kwargs else []
         deit_extra = [] if res == 224 else ['--model-kwargs', f'img_size={res}']
         note = ''
         if res != 224:  # what a user gets without re-creating DeiT
@@ -94,7 +97,7 @@ def run_crosscheck(script: str, out_dir: str, stem: str, quick: bool = False, ro
         rows.append(row)
         print(json.dumps(row))
     result = dict(rows=rows, script=os.path.abspath(script), rounds=rounds, iters=dict(warm=iters[0], bench=iters[1]),
-                  command=f'ldn benchmark --timm-benchmark PATH/TO/timm/benchmark.py',
+                  command='python eval/benchmark.py --timm-benchmark PATH/TO/timm/benchmark.py',
                   time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
     try:
         result['load_avg'] = os.getloadavg()
@@ -105,7 +108,7 @@ def run_crosscheck(script: str, out_dir: str, stem: str, quick: bool = False, ro
         json.dump(result, f, indent=1)
     lines = [f"timm's `benchmark.py` (`--device cpu`, all cores, {iters[0]} warm-up + {iters[1]} timed steps per "
              f'process), LDN and DeiT processes alternating over {rounds} rounds; ratio = median of per-round '
-             "LDN/DeiT img/s. 'ours' = the same case in `benchmark_cpu.json` (`ldn benchmark`).", '',
+             "LDN/DeiT img/s. 'ours' = the same case in `benchmark_cpu.json` (`python eval/benchmark.py`).", '',
              '| case | LDN img/s | DeiT img/s | timm benchmark.py LDN/DeiT (min–max) | ours | disagreement |',
              '|---|---|---|---|---|---|']
     for r in rows:

@@ -1,4 +1,4 @@
-"""Params / GMACs / activations of the LDN variants next to the DeiTs they must not exceed (LDN_SPEC.md budgets).
+"""Params / GMACs / activations of the LDN variants next to the DeiTs they must not exceed (the budgets of docs/contract.md).
 
     python eval/model_budget.py            # prints the table, writes eval/results/model_budget.{json,md}
 

@@ -78,6 +78,8 @@ ROWS: Dict[str, Row] = {
                      'conv tokenizer 1-16-64, MLP ratio 3.875'),
     'ldn_tok48': Row(LDN, dict(embed_layer=conv_tokenizer(48), mlp_ratio=2.875),
                      'conv tokenizer 1-48-64, MLP ratio 2.875 (MAC budget)'),
+    # the finals: the screening winner (ldn_tok32 on validation) as the registered variant, and its CCT peer
+    'ldn_convtok': Row('ldn_nano_convtok_28', {}, 'ldn_nano_convtok_28: the ldn_tok32 row as a registered variant'),
     'cct_tok32': Row('cct_nano_28', dict(widths=(32,), mlp_ratio=3.75),
                      'baseline: the same conv tokenizer (1-32-64), 6 timm ViT blocks 64 wide, 2 heads, MLP ratio 3.75 (MAC budget)'),
 }

@@ -119,3 +119,14 @@ def test_timm_crosscheck_compares_with_our_table(tmp_path) -> None:
     argv = ['--quick', '--timm-benchmark', str(script), '--out-dir', str(out), '--model-kwargs', 'depth=6']
     assert eval_benchmark.main(argv) == 0
     assert json.loads((out / 'benchmark_timm.json').read_text())['rows'][0]['ratio'] == pytest.approx(2.0)
+
+
+def test_layer_type_kwargs_resolve_from_dotted_paths():
+    """`--model-kwargs mlp_layer=timm.layers.Mlp` builds the block with that layer; a bad path names itself."""
+    from timm.layers import Mlp
+    from timm_ldn.commands.benchmark import build_model, resolve_layer_kwargs
+    assert resolve_layer_kwargs(dict(mlp_layer='timm.layers.Mlp', mlp_ratio=4.)) == dict(mlp_layer=Mlp, mlp_ratio=4.)
+    model = build_model('ldn_tiny', 64, dict(mlp_layer='timm.layers.Mlp', mlp_ratio=4., depth=1))
+    assert type(model.blocks[0].mlp) is Mlp and model.blocks[0].mlp.fc1.out_features == 768
+    with pytest.raises(ValueError, match='cannot import timm.layers.NoSuchMlp'):
+        resolve_layer_kwargs(dict(mlp_layer='timm.layers.NoSuchMlp'))

@@ -15,7 +15,7 @@ Token maps are channels-last (``B×h×w×C``) throughout, the layout the linear 
 ``*_reference`` functions are ``O(N²)`` in memory: tests only. Where each property of the contract is tested:
 ``docs/contract.md``.
 """
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ from timm.layers import register_notrace_function
 __all__ = [
     'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'time_step', 'diffusion_coefficients', 'border_correction',
     'diffusion_step', 'laplacian_reference', 'grid_diameter', 'positive_feature_map', 'linear_diffusion_attention',
-    'packed_linear_diffusion_attention', 'diffusion_attention_reference',
+    'packed_linear_diffusion_attention', 'diffusion_attention_reference', 'PATH_NEIGHBOURS_PER_SCALE',
+    'path_diffusion_step', 'path_laplacian_reference', 'path_diameter',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
@@ -74,13 +75,18 @@ def time_step(
     return (max_step_fraction * torch.sigmoid(tau)) / rate
 
 
-def diffusion_coefficients(a_raw: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def diffusion_coefficients(
+        a_raw: torch.Tensor,
+        tau: torch.Tensor,
+        neighbours_per_scale: int = NEIGHBOURS_PER_SCALE,
+) -> torch.Tensor:
     """Per-scale edge weights of one diffusion step, ``δt·a_s``, shape ``(S, C)``.
 
-    ``a_s = softplus(a_raw_s) ≥ 0``; the result is non-negative and ``Σ_s |N_s|·δt·a_s = 0.99·sigmoid(τ) < 1``.
+    ``a_s = softplus(a_raw_s) ≥ 0``; the result is non-negative and ``Σ_s |N_s|·δt·a_s = 0.99·sigmoid(τ) < 1``
+    (``|N_s| = 4`` on the grid, ``2`` on a sequence).
     """
     a = F.softplus(a_raw)
-    return a * time_step(a, tau)
+    return a * time_step(a, tau, neighbours_per_scale)
 
 
 @register_notrace_function
@@ -184,6 +190,9 @@ class _ShiftedDiffusionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        # the gradient can arrive in another layout (the head's NCHW view of the channels-last map): every pass
+        # below reads shifted slices of it, several times slower on a permuted tensor than one copy
+        g = g.contiguous()
         x, coef = ctx.saved_tensors
         offsets: List[int] = ctx.offsets
         grad_x = grad_coef = None
@@ -252,25 +261,9 @@ def laplacian_reference(
 
 
 def grid_diameter(height: int, width: int, offsets: Sequence[int]) -> int:
-    """Hop diameter of the multi-scale neighbourhood graph on an ``h×w`` grid (breadth-first search)."""
-    def axis_diameter(n: int) -> int:
-        worst = 0
-        for start in range(n):
-            dist = {start: 0}
-            frontier = [start]
-            while frontier:
-                nxt = []
-                for p in frontier:
-                    for d in offsets:
-                        for q in (p - d, p + d):
-                            if 0 <= q < n and q not in dist:
-                                dist[q] = dist[p] + 1
-                                nxt.append(q)
-                frontier = nxt
-            worst = max(worst, max(dist.values()))
-        return worst
-    # moves change one axis at a time, so the grid's hop distance is the sum of the axis distances
-    return axis_diameter(height) + axis_diameter(width)
+    """Hop diameter of the multi-scale neighbourhood graph on an ``h×w`` grid."""
+    # moves change one axis at a time, so the grid's hop distance is the sum of the axis (path) distances
+    return path_diameter(height, offsets) + path_diameter(width, offsets)
 
 
 def _positive_feature_map_forward(x: torch.Tensor) -> torch.Tensor:
@@ -323,12 +316,14 @@ def linear_diffusion_attention(
         k: torch.Tensor,
         v: torch.Tensor,
         phi: Callable[[torch.Tensor], torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``A_diff(U) = (D⁻¹W − I)·V`` with ``w_ij = φ(q_i)·φ(k_j)``, in ``O(N·d²)`` per head (the readable form).
 
     Args:
         q, k, v: ``(B, heads, N, d)``.
         phi: Positive feature map φ (default :func:`positive_feature_map`, elu + 1).
+        key_padding_mask: ``(B, N)`` bool, True where padded: those tokens are no keys (``w_ij = 0``).
     Returns:
         ``Σ_j w_ij (v_j − v_i) / Σ_j w_ij`` for every token, ``(B, heads, N, d)``. Rows of ``D⁻¹W − I`` sum to
         zero, so a constant ``V`` gives exactly ``0`` up to rounding.
@@ -336,7 +331,11 @@ def linear_diffusion_attention(
     phi = phi or positive_feature_map
     q = phi(q)
     # 1/N keeps φ(K)ᵀV and Σφ(K) O(1) at any resolution (fp16 range); it cancels in the ratio
-    k = phi(k) * (1. / k.shape[-2])
+    if key_padding_mask is None:
+        k = phi(k) * (1. / k.shape[-2])
+    else:
+        real = (~key_padding_mask).to(k.dtype)[:, None, :, None]  # (B, 1, N, 1)
+        k = phi(k) * real / real.sum(2, keepdim=True)
     kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the only global summary, never N×N
     normalizer = q @ k.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
     return (q @ kv) / normalizer - v
@@ -351,7 +350,11 @@ def _exporting() -> bool:
 
 
 @register_notrace_function  # φ branches on requires_grad: keep the whole op an FX leaf
-def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def packed_linear_diffusion_attention(
+        qkv: torch.Tensor,
+        num_heads: int,
+        key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """:func:`linear_diffusion_attention` straight from the fused qkv projection, ``(B, N, 3C) -> (B, N, C)``.
 
     Same math, fewer passes and layout copies (the form the model runs):
@@ -366,6 +369,7 @@ def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int) -> torc
     Args:
         qkv: ``(B, N, 3C)`` output of the qkv projection, ``[q | k | v]`` with heads contiguous in each third.
         num_heads: Number of heads ``h``, ``d = C / h``.
+        key_padding_mask: ``(B, N)`` bool, True where padded: those tokens are no keys (sequences).
     Returns:
         ``A_diff`` token-major ``(B, N, C)``, heads concatenated along channels.
     """
@@ -376,12 +380,18 @@ def packed_linear_diffusion_attention(qkv: torch.Tensor, num_heads: int) -> torc
     q = qk[..., :C].view(B, N, num_heads, d)
     k = qk[..., C:].view(B, N, num_heads, d)
     v = qkv[..., 2 * C:].view(B, N, num_heads, d)
+    if key_padding_mask is None:
+        scale = torch.full((1, 1, 1), 1. / N, dtype=qkv.dtype, device=qkv.device)
+    else:  # padded tokens are no keys; 1/N over each sequence's real tokens
+        real = (~key_padding_mask).to(qkv.dtype)  # (B, N)
+        k = k * real[:, :, None, None]
+        scale = (1. / real.sum(1)).view(B, 1, 1)
     k_sum = k.sum(1)  # (B, heads, d): φ(K)ᵀ1 of every head at once
     heads: List[torch.Tensor] = []
     for i in range(num_heads):
         q_i, k_i, v_i = q[:, :, i], k[:, :, i], v[:, :, i]  # (B, N, d) strided views
         # [φ(K)ᵀV | φ(K)ᵀ1] / N: (B, d, d+1)
-        kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_sum[:, i].unsqueeze(-1)], dim=-1) * (1. / N)
+        kv = torch.cat([torch.bmm(k_i.transpose(1, 2), v_i), k_sum[:, i].unsqueeze(-1)], dim=-1) * scale
         y = torch.bmm(q_i, kv)  # (B, N, d+1): numerator and denominator of every token
         heads.append(y[..., :d] / y[..., d:] - v_i)
     return torch.stack(heads, dim=2).reshape(B, N, C)
@@ -392,9 +402,89 @@ def diffusion_attention_reference(
         k: torch.Tensor,
         v: torch.Tensor,
         phi: Callable[[torch.Tensor], torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Dense ``(D⁻¹W − I)·V`` with the ``N×N`` matrix ``W = φ(Q)φ(K)ᵀ`` built explicitly (tests only)."""
+    """Dense ``(D⁻¹W − I)·V`` with the ``N×N`` matrix ``W = φ(Q)φ(K)ᵀ`` built explicitly (tests only); padded keys
+    (``key_padding_mask`` True) get ``w_ij = 0``."""
     phi = phi or positive_feature_map
     w = phi(q) @ phi(k).transpose(-2, -1)
+    if key_padding_mask is not None:
+        w = w * (~key_padding_mask).to(w.dtype)[:, None, None, :]
     degree = w.sum(-1, keepdim=True)
     return (w / degree) @ v - v
+
+
+# --- 1-D: a token sequence is a path graph 0 … L−1 ----------------------------------------------------------------
+# The same two operators on sequences (timm_ldn.sequence). Padded positions (``padding_mask`` True, as PyTorch's
+# ``src_key_padding_mask``) are not nodes: no K edge touches them and A_diff sums over real keys only, so a sequence's
+# output does not depend on what, or how much, padding follows it.
+
+PATH_NEIGHBOURS_PER_SCALE = 2  # i ± d
+
+
+def path_diffusion_step(
+        x: torch.Tensor,
+        coef: torch.Tensor,
+        offsets: List[int],
+        padding_mask: Optional[torch.Tensor] = None,
+        self_weight: float = 1.,
+) -> torch.Tensor:
+    """One primary-diffusion step ``self_weight·H + δt·K(H)`` on sequences ``(B, L, C)``.
+
+    ``K(H)_i = Σ_s Σ_{j = i ± d_s real} a_s ⊙ (H_j − H_i)``: the multi-scale path-graph Laplacian with no-flux ends at
+    the sequence's borders and next to padding (an edge exists only between two real tokens). Each scale's edges
+    carry one flux ``c_s ⊙ (H_{i+d} − H_i)``, added at ``i`` and subtracted at ``i + d``: ``K`` is symmetric, rows and
+    columns sum to zero. Padded positions get a zero update.
+
+    Args:
+        x: ``(B, L, C)``.
+        coef: ``δt·a_s``, ``(S, C)`` (:func:`diffusion_coefficients` with ``neighbours_per_scale=2``).
+        offsets: Path offsets of the scales.
+        padding_mask: ``(B, L)`` bool, True where padded; None: every position is real.
+        self_weight: Weight of the identity (``0``: the update alone).
+    """
+    L = x.shape[1]
+    coef = coef.to(x.dtype)
+    real = None if padding_mask is None else (~padding_mask).to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+    y = x * self_weight if self_weight != 1. else x
+    for s, d in enumerate(offsets):
+        if d >= L:  # no edge at this scale
+            continue
+        flux = (x[:, d:] - x[:, :-d]) * coef[s]  # (B, L − d, C): from i + d into i
+        if real is not None:
+            flux = flux * (real[:, d:] * real[:, :-d])
+        y = y + F.pad(flux, (0, 0, 0, d)) - F.pad(flux, (0, 0, d, 0))
+    return y
+
+
+def path_laplacian_reference(a_s: torch.Tensor, offsets: Sequence[int], real: torch.Tensor) -> torch.Tensor:
+    """Dense 1-D ``K`` for one channel and one sequence, ``(L, L)`` (tests only): ``K_ij = a_s`` for every pair of
+    real tokens at offset ``±d_s``, ``K_ii = −Σ_j K_ij``; rows and columns of padded positions are zero."""
+    n = real.shape[0]
+    K = torch.zeros(n, n, dtype=a_s.dtype, device=a_s.device)
+    for s, d in enumerate(offsets):
+        for i in range(n):
+            for j in (i - d, i + d):
+                if 0 <= j < n and real[i] and real[j]:
+                    K[i, j] += a_s[s]
+    K -= torch.diag(K.sum(1))
+    return K
+
+
+def path_diameter(length: int, offsets: Sequence[int]) -> int:
+    """Hop diameter of the multi-scale path graph on ``length`` tokens (breadth-first search from every token)."""
+    worst = 0
+    for start in range(length):
+        dist = {start: 0}
+        frontier = [start]
+        while frontier:
+            nxt = []
+            for p in frontier:
+                for d in offsets:
+                    for q in (p - d, p + d):
+                        if 0 <= q < length and q not in dist:
+                            dist[q] = dist[p] + 1
+                            nxt.append(q)
+            frontier = nxt
+        worst = max(worst, max(dist.values()))
+    return worst

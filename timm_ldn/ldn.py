@@ -103,7 +103,8 @@ class DiffusionAttention(nn.Module):
     """``W_o · A_diff(U)`` per head: global, content-dependent diffusion ``(D⁻¹W − I)·V``, linear in the tokens.
 
     ``w_ij = φ(q_i)·φ(k_j)`` with ``φ = elu + 1``; rows of ``D⁻¹W − I`` sum to zero. Takes tokens of any layout
-    ``(B, ..., C)`` (a channels-last map or a sequence) and returns the same shape.
+    ``(B, ..., C)`` (a channels-last map or a sequence) and returns the same shape; ``key_padding_mask`` ``(B, N)``
+    (True where padded) removes padded tokens from the keys.
     """
 
     def __init__(
@@ -125,10 +126,10 @@ class DiffusionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         shape = x.shape
         x = self.qkv(x.reshape(shape[0], -1, shape[-1]))
-        x = packed_linear_diffusion_attention(x, self.num_heads)
+        x = packed_linear_diffusion_attention(x, self.num_heads, key_padding_mask)
         x = self.proj(x)
         return self.proj_drop(x).reshape(shape)
 

@@ -24,6 +24,20 @@ import torch.nn.functional as F
 __all__ = ['add_arguments', 'run', 'build_model', 'time_calls']
 
 
+def resolve_layer_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Layer-type arguments given on the command line as dotted paths (``mlp_layer=timm.layers.Mlp``) -> the class."""
+    import importlib
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if key.endswith(('_layer', '_fn')) and isinstance(value, str) and '.' in value:
+            module, _, attr = value.rpartition('.')
+            try:
+                out[key] = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise ValueError(f'--model-kwargs {key}={value}: cannot import {value} ({e}).') from e
+    return out
+
+
 def build_model(name: str, img_size: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
                 device: Any = 'cpu') -> nn.Module:
     """``timm.create_model(name, **model_kwargs)`` with random weights, in eval mode, on ``device``.
@@ -33,7 +47,7 @@ def build_model(name: str, img_size: Optional[int] = None, model_kwargs: Optiona
     """
     import timm
     import timm_ldn  # noqa: F401  registers ldn_*
-    kwargs = dict(model_kwargs or {})
+    kwargs = resolve_layer_kwargs(model_kwargs or {})
     with torch.device(device):
         if img_size and 'img_size' not in kwargs:
             try:

@@ -1,0 +1,224 @@
+"""The contract's properties restated on sequences (path graph, padding), and the sequence model's API.
+
+docs/contract.md lists which test checks which property.
+"""
+import json
+
+import pytest
+import torch
+
+from timm_ldn.diffusion import (
+    PATH_NEIGHBOURS_PER_SCALE, diffusion_attention_reference, diffusion_coefficients, linear_diffusion_attention,
+    packed_linear_diffusion_attention, path_diameter, path_diffusion_step, path_laplacian_reference,
+)
+from timm_ldn.sequence import LdnSequenceClassifier, PathDiffusion, default_offsets
+
+OFFSETS = [1, 2, 4]
+DT = torch.float64
+
+
+def _coef(channels: int, seed: int = 0, scale: float = 2.) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return diffusion_coefficients(torch.randn(len(OFFSETS), channels, generator=g, dtype=DT) * scale,
+                                  torch.randn(channels, generator=g, dtype=DT) * scale, PATH_NEIGHBOURS_PER_SCALE)
+
+
+def _mask(lengths, L):
+    return torch.arange(L)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+@pytest.mark.parametrize('lengths', [(11, 11), (11, 6), (3, 1)])
+def test_path_step_equals_dense_laplacian_and_keeps_constants(lengths):
+    """K·1 = 0 at both ends and next to padding; the step equals the dense (I + δt·K) edge by edge."""
+    L, C = 11, 3
+    coef = _coef(C)
+    mask = _mask(lengths, L)
+    x = torch.randn(2, L, C, dtype=DT)
+    upd = path_diffusion_step(x, coef, OFFSETS, mask, 0.)
+    for b in range(2):
+        for c in range(C):
+            K = path_laplacian_reference(coef[:, c], OFFSETS, ~mask[b])
+            assert torch.allclose(K.sum(1), torch.zeros(L, dtype=DT), atol=1e-14) and torch.equal(K, K.t())
+            torch.testing.assert_close(upd[b, :, c], K @ x[b, :, c], rtol=1e-12, atol=1e-14)
+    const = torch.full((2, L, C), 2.5, dtype=DT)
+    torch.testing.assert_close(path_diffusion_step(const, coef, OFFSETS, mask), const, rtol=0, atol=1e-13)
+    assert (upd[mask] == 0).all()  # padded positions are not nodes
+
+
+def test_path_step_conserves_the_mean_of_each_real_sequence_and_never_grows_max_norm():
+    L, C = 13, 4
+    mask = _mask((13, 8), L)
+    x = torch.randn(2, L, C, dtype=DT) * 3
+    for scale in (1., 30.):  # huge coefficients: still a convex average
+        y = path_diffusion_step(x, _coef(C, 1, scale), OFFSETS, mask)
+        real = (~mask).to(DT).unsqueeze(-1)
+        torch.testing.assert_close((y * real).sum(1), (x * real).sum(1), rtol=0, atol=1e-12)
+        assert (y * real).abs().amax() <= (x * real).abs().amax() + 1e-12
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_deep_path_diffusion_stack_stays_finite_in_low_precision(dtype):
+    torch.manual_seed(0)
+    steps = [PathDiffusion(8, OFFSETS) for _ in range(12)]
+    for s in steps:
+        with torch.no_grad():
+            s.a_raw.uniform_(5., 12.)
+            s.tau.uniform_(-10., 30.)  # sigmoid(τ) ≈ 1: at the stability limit
+    limit = torch.finfo(dtype).max / 4
+    x = ((torch.rand(2, 40, 8) * 2 - 1) * limit).to(dtype)
+    y = x
+    with torch.no_grad():
+        for s in steps:
+            y = s.to(dtype)(y)
+    assert torch.isfinite(y).all() and y.abs().max() <= x.abs().max()
+
+
+@pytest.mark.parametrize('L,offsets', [(16, (1, 2, 4)), (23, (1, 3)), (9, (1,))])
+def test_theorem1_on_the_path_graph_at_exactly_the_diameter(L, offsets):
+    """With A_diff and F off, output i depends on input j for every pair once depth = diameter, not one earlier."""
+    diameter = path_diameter(L, offsets)
+    torch.manual_seed(1)
+    steps = [PathDiffusion(1, offsets).double() for _ in range(diameter)]
+    for s in steps:
+        with torch.no_grad():
+            s.a_raw.normal_()
+
+    def stack(k):
+        def f(x):
+            for s in steps[:k]:
+                x = s(x)
+            return x
+        return f
+
+    x = torch.randn(1, L, 1, dtype=DT)
+    full = torch.autograd.functional.jacobian(stack(diameter), x).reshape(L, L)
+    assert (full.abs() > 0).all()
+    short = torch.autograd.functional.jacobian(stack(diameter - 1), x).reshape(L, L)
+    assert (short == 0).any()
+
+
+def test_masked_attention_rows_sum_to_zero_and_match_dense():
+    torch.manual_seed(2)
+    B, H, L, d = 2, 2, 9, 4
+    mask = _mask((9, 5), L)
+    q, k, v = (torch.randn(B, H, L, d, dtype=DT) for _ in range(3))
+    ref = diffusion_attention_reference(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(linear_diffusion_attention(q, k, v, key_padding_mask=mask), ref)
+    qkv = torch.cat([t.transpose(1, 2).reshape(B, L, H * d) for t in (q, k, v)], -1)
+    packed = packed_linear_diffusion_attention(qkv, H, mask)
+    torch.testing.assert_close(packed, ref.transpose(1, 2).reshape(B, L, H * d))
+    # a constant V over the real tokens: zero update (whatever the padded values are)
+    v_const = torch.full_like(v, 1.5)
+    v_const[1, :, 5:] = 99.
+    out = linear_diffusion_attention(q, k, v_const, key_padding_mask=mask)
+    torch.testing.assert_close(out[0], torch.zeros_like(out[0]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[1, :, :5], torch.zeros_like(out[1, :, :5]), rtol=0, atol=1e-12)
+
+
+def _token_model(**kw):
+    torch.manual_seed(0)
+    m = LdnSequenceClassifier(num_classes=5, vocab_size=12, embed_dim=16, depth=2, num_heads=2, max_len=64, **kw)
+    with torch.no_grad():  # off the init values so every term matters
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+@pytest.mark.parametrize('mlp_conv', [True, False])
+def test_output_of_a_sequence_does_not_depend_on_the_padding_after_it(mlp_conv):
+    m = _token_model(mlp_conv=mlp_conv)
+    x = torch.randint(1, 12, (1, 20))
+    with torch.no_grad():
+        alone = m(x)
+        for pad, fill in ((1, 0), (17, 5), (44, 11)):
+            padded = torch.cat([x, torch.full((1, pad), fill)], 1)
+            mask = torch.zeros(1, 20 + pad, dtype=torch.bool)
+            mask[:, 20:] = True
+            batch = torch.cat([padded, torch.randint(1, 12, (1, 20 + pad))])  # beside an unpadded neighbour
+            out = m(batch, torch.cat([mask, torch.zeros_like(mask)]))
+            torch.testing.assert_close(out[:1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_feature_model_trains_and_default_offsets_reach_across():
+    torch.manual_seed(0)
+    m = LdnSequenceClassifier(num_classes=3, in_features=1, embed_dim=16, depth=2, num_heads=2, max_len=784)
+    assert m.encoder.offsets == default_offsets(784) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    x = torch.randn(4, 784, 1)
+    loss = torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_bad_inputs_name_the_problem_and_the_fix():
+    m = _token_model()
+    x = torch.randint(1, 12, (2, 10))
+    with pytest.raises(ValueError, match=r'Token ids must lie in \[0, 12\)'):
+        m(torch.full((1, 4), 12))
+    with pytest.raises(ValueError, match=r'padding_mask must have shape \(B, L\) = \(2, 10\)'):
+        m(x, torch.zeros(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match='all padding'):
+        m(x, torch.tensor([[False] * 10, [True] * 10]))
+    with pytest.raises(ValueError, match='takes integer token ids.*in_features'):
+        m(torch.randn(2, 10))
+    with pytest.raises(ValueError, match='bool tensor'):
+        m(x, torch.zeros(2, 10))
+    f = LdnSequenceClassifier(num_classes=2, in_features=3, embed_dim=8, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match='takes float features.*vocab_size'):
+        f(torch.randint(0, 5, (2, 10, 3)))
+    with pytest.raises(ValueError, match=r'expects \(B, L, 3\)'):
+        f(torch.randn(2, 10, 4))
+    with pytest.raises(ValueError, match='exactly one of vocab_size'):
+        LdnSequenceClassifier(num_classes=2, vocab_size=5, in_features=3)
+    with pytest.raises(ValueError, match='exactly one of vocab_size'):
+        LdnSequenceClassifier(num_classes=2)
+
+
+def test_save_and_load_round_trip_and_clear_errors(tmp_path):
+    m = _token_model()
+    m.save_pretrained(tmp_path / 'm')
+    assert {p.name for p in (tmp_path / 'm').iterdir()} >= {'config.json', 'model.safetensors'}
+    loaded = LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm'))
+    x = torch.randint(1, 12, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), m(x), rtol=0, atol=0)
+    other = tmp_path / 'other'
+    LdnSequenceClassifier(num_classes=5, vocab_size=12, embed_dim=32, depth=2, num_heads=2).save_pretrained(other)
+    (other / 'config.json').write_text((tmp_path / 'm' / 'config.json').read_text())  # config of another size
+    with pytest.raises(RuntimeError, match='do not fit an LdnSequenceClassifier'):
+        LdnSequenceClassifier.from_pretrained(str(other))
+    cfg = json.loads((tmp_path / 'm' / 'config.json').read_text())
+    cfg['in_features'] = 3  # both inputs: an invalid config
+    (tmp_path / 'm' / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match='exactly one of vocab_size'):
+        LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm'))
+
+
+def test_published_sequence_model_loads_only_with_its_pinned_sha256(tmp_path, monkeypatch):
+    """load_published verifies the manifest's sha256 (offline: the shipped copy) before loading."""
+    from timm_ldn import hub
+    from timm_ldn.sequence import load_published
+    m = _token_model()
+    folder = tmp_path / 'weights' / 'ldn_seq_test'
+    m.save_pretrained(folder)
+    weights = folder / 'model.safetensors'
+    entry = dict(model='ldn_seq_test', architecture='LdnSequenceClassifier', hf_hub_id='timm-ldn/ldn_seq_test',
+                 filename='model.safetensors', sha256=hub.sha256_file(weights), size=weights.stat().st_size,
+                 layout_version=1, provenance={}, eval={}, reproduce='test',
+                 local_file='ldn_seq_test/model.safetensors')
+    manifest = tmp_path / 'weights' / 'manifest.json'
+    manifest.write_text(json.dumps(dict(schema_version=1, weights={'ldn_seq_test': entry})))
+    monkeypatch.setenv(hub.MANIFEST_ENV, str(manifest))
+
+    def unreachable(repo_id, filename, cache_dir):  # no Hub here: the verified shipped copy is the fallback
+        raise hub.WeightsError(f'{repo_id} unreachable')
+    monkeypatch.setattr(hub, '_download', unreachable)
+    x = torch.randint(1, 12, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_published('ldn_seq_test').eval()(x), m(x), rtol=0, atol=0)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit
+    weights.write_bytes(bytes(data))
+    with pytest.raises(hub.WeightsError, match='sha256'):
+        load_published('ldn_seq_test')
+    with pytest.raises(hub.NoPretrainedWeightsError):
+        load_published('ldn_seq_missing')

@@ -222,3 +222,21 @@ def test_published_sequence_model_loads_only_with_its_pinned_sha256(tmp_path, mo
         load_published('ldn_seq_test')
     with pytest.raises(hub.NoPretrainedWeightsError):
         load_published('ldn_seq_missing')
+
+
+def test_token_depthwise_conv_equals_nn_conv1d():
+    from timm_ldn.sequence import TokenDepthwiseConv1d
+    torch.manual_seed(3)
+    for k in (1, 3, 5):
+        conv = TokenDepthwiseConv1d(6, k).double()
+        ref = torch.nn.Conv1d(6, 6, k, padding=k // 2, groups=6).double()
+        ref.load_state_dict(conv.state_dict())
+        x = torch.randn(2, 9, 6, dtype=DT, requires_grad=True)
+        out = conv(x)
+        torch.testing.assert_close(out, ref(x.transpose(1, 2)).transpose(1, 2))
+        g_fast = torch.autograd.grad(out.sum(), [x, conv.weight])
+        g_ref = torch.autograd.grad(ref(x.transpose(1, 2)).sum(), [x, ref.weight])
+        for a, b in zip(g_fast, g_ref):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match='odd'):
+        TokenDepthwiseConv1d(4, 2)

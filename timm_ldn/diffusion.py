@@ -434,7 +434,9 @@ def path_diffusion_step(
     ``K(H)_i = Σ_s Σ_{j = i ± d_s real} a_s ⊙ (H_j − H_i)``: the multi-scale path-graph Laplacian with no-flux ends at
     the sequence's borders and next to padding (an edge exists only between two real tokens). Each scale's edges
     carry one flux ``c_s ⊙ (H_{i+d} − H_i)``, added at ``i`` and subtracted at ``i + d``: ``K`` is symmetric, rows and
-    columns sum to zero. Padded positions get a zero update.
+    columns sum to zero. Padded positions get a zero update. With autograd, a hand-written backward: the step is
+    symmetric, so ``∂L/∂H`` is the same step on the gradient, and ``∂L/∂c_s`` sums ``(g_i − g_{i+d})·(H_{i+d} − H_i)``
+    over the scale's edges (autograd through the in-place slice updates would copy the gradient once per update).
 
     Args:
         x: ``(B, L, C)``.
@@ -443,18 +445,64 @@ def path_diffusion_step(
         padding_mask: ``(B, L)`` bool, True where padded; None: every position is real.
         self_weight: Weight of the identity (``0``: the update alone).
     """
+    edges = None if padding_mask is None else (~padding_mask).to(x.dtype).unsqueeze(-1)  # (B, L, 1) real tokens
+    if (not torch.jit.is_scripting() and torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad)
+            and not _functorch_active()):
+        return _PathDiffusionFn.apply(x, coef, offsets, edges, self_weight)
+    return _path_diffusion_step_impl(x, coef, offsets, edges, self_weight)
+
+
+def _edge_weights(real: Optional[torch.Tensor], d: int) -> Optional[torch.Tensor]:
+    """``(B, L − d, 1)``: 1 where both ends of the edge ``(i, i + d)`` are real tokens."""
+    return None if real is None else real[:, d:] * real[:, :-d]
+
+
+def _path_diffusion_step_impl(x: torch.Tensor, coef: torch.Tensor, offsets: List[int], real: Optional[torch.Tensor],
+                              self_weight: float) -> torch.Tensor:
     L = x.shape[1]
     coef = coef.to(x.dtype)
-    real = None if padding_mask is None else (~padding_mask).to(x.dtype).unsqueeze(-1)  # (B, L, 1)
-    y = x * self_weight if self_weight != 1. else x
+    y = x * self_weight
     for s, d in enumerate(offsets):
         if d >= L:  # no edge at this scale
             continue
         flux = (x[:, d:] - x[:, :-d]) * coef[s]  # (B, L − d, C): from i + d into i
-        if real is not None:
-            flux = flux * (real[:, d:] * real[:, :-d])
-        y = y + F.pad(flux, (0, 0, 0, d)) - F.pad(flux, (0, 0, d, 0))
+        w = _edge_weights(real, d)
+        if w is not None:
+            flux = flux * w
+        y[:, :-d] += flux
+        y[:, d:] -= flux
     return y
+
+
+class _PathDiffusionFn(torch.autograd.Function):
+    """Hand-written backward of :func:`path_diffusion_step` (see there)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, coef: torch.Tensor, offsets: List[int], real: Optional[torch.Tensor],
+                self_weight: float) -> torch.Tensor:
+        ctx.offsets, ctx.self_weight = offsets, self_weight
+        ctx.save_for_backward(x, coef, real)
+        return _path_diffusion_step_impl(x, coef, offsets, real, self_weight)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, coef, real = ctx.saved_tensors
+        g = g.contiguous()
+        grad_x = grad_coef = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _path_diffusion_step_impl(g, coef, ctx.offsets, real, ctx.self_weight)
+        if ctx.needs_input_grad[1]:
+            L = x.shape[1]
+            rows = []
+            for d in ctx.offsets:
+                if d >= L:
+                    rows.append(torch.zeros_like(coef[0]))
+                    continue
+                prod = (g[:, :-d] - g[:, d:]) * (x[:, d:] - x[:, :-d])
+                w = _edge_weights(real, d)
+                rows.append((prod if w is None else prod * w).sum((0, 1)))
+            grad_coef = torch.stack(rows).to(coef.dtype)
+        return grad_x, grad_coef, None, None, None
 
 
 def path_laplacian_reference(a_s: torch.Tensor, offsets: Sequence[int], real: torch.Tensor) -> torch.Tensor:

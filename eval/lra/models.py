@@ -1,0 +1,141 @@
+"""The sequence benchmark's rows under one recipe: LDN, a softmax Transformer, a linear-attention Transformer and
+two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, masked mean pool, norm and head.
+
+* ``ldn``: ``timm_ldn.sequence.LdnSequenceClassifier`` (no position embedding: K's stencil is position-aware).
+* ``transformer``: PyTorch's own ``nn.TransformerEncoderLayer`` (pre-norm, GELU, ``src_key_padding_mask``) with
+  fixed sinusoidal positions (no parameters, so the rows' parameter counts stay within a few % of each other).
+* ``linear_transformer``: the same pre-norm layer with linear attention ``φ(Q)(φ(K)ᵀV) / φ(Q)φ(K)ᵀ1``, ``φ = elu+1``
+  (Katharopoulos et al. 2020): the known-fail control on ListOps (LRA: 16.1 %).
+* ``ldn_no_adiff`` / ``ldn_no_k``: LDN with the A_diff branch / the K step removed (the block's modules replaced).
+"""
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from timm_ldn.diffusion import positive_feature_map
+from timm_ldn.sequence import LdnSequenceClassifier, check_sequence_batch
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[:dim // 2])
+    return pe
+
+
+class LinearAttention(nn.Module):
+    """Multi-head linear attention (elu+1 feature map) with a key padding mask; ``(B, L, C) -> (B, L, C)``."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = positive_feature_map(q), positive_feature_map(k)
+        if key_padding_mask is not None:
+            k = k * (~key_padding_mask).to(k.dtype)[:, None, :, None]
+        k = k / L  # keeps the sums O(1); cancels in the ratio
+        out = (q @ (k.transpose(-2, -1) @ v)) / (q @ k.sum(-2, keepdim=True).transpose(-2, -1))
+        return self.drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
+
+
+class LinearTransformerLayer(nn.Module):
+    """Pre-norm Transformer layer with :class:`LinearAttention` (the layout of ``nn.TransformerEncoderLayer``)."""
+
+    def __init__(self, dim: int, num_heads: int, dim_feedforward: int, dropout: float = 0.):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = LinearAttention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim_feedforward), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(dim_feedforward, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, src_key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), src_key_padding_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerClassifier(nn.Module):
+    """Embedding + sinusoidal positions + pre-norm encoder layers + masked mean pool + LayerNorm + head."""
+
+    def __init__(self, num_classes: int, vocab_size: Optional[int] = None, in_features: Optional[int] = None,
+                 embed_dim: int = 64, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4., max_len: int = 2048,
+                 linear: bool = False, dropout: float = 0.):
+        super().__init__()
+        self.vocab_size, self.in_features = vocab_size, in_features
+        self.embed = nn.Embedding(vocab_size, embed_dim) if vocab_size is not None else nn.Linear(in_features,
+                                                                                                  embed_dim)
+        self.register_buffer('pos', sinusoidal_positions(max_len, embed_dim), persistent=False)
+        ff = int(embed_dim * mlp_ratio)
+        if linear:
+            layers = [LinearTransformerLayer(embed_dim, num_heads, ff, dropout) for _ in range(depth)]
+        else:
+            layers = [nn.TransformerEncoderLayer(embed_dim, num_heads, ff, dropout, activation='gelu',
+                                                 batch_first=True, norm_first=True) for _ in range(depth)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_sequence_batch(x, padding_mask, self.vocab_size, self.in_features)
+        L = x.shape[1]
+        if L > self.pos.shape[0]:
+            raise ValueError(f'Sequence length {L} exceeds max_len={self.pos.shape[0]} of the position table.')
+        h = self.embed(x) + self.pos[:L]
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=padding_mask)
+        if padding_mask is None:
+            pooled = h.mean(1)
+        else:
+            real = (~padding_mask).to(h.dtype).unsqueeze(-1)
+            pooled = (h * real).sum(1) / real.sum(1)
+        return self.head(self.norm(pooled))
+
+
+class _ZeroAttention(nn.Module):
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class _NoDiffusion(nn.Module):
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x
+
+
+def ldn_without(term: str, **kwargs) -> LdnSequenceClassifier:
+    """LDN with one term removed: ``'adiff'`` (the attention branch, its norm and layer scale) or ``'k'``."""
+    model = LdnSequenceClassifier(**kwargs)
+    for blk in model.encoder.blocks:
+        if term == 'adiff':
+            blk.attn, blk.norm1, blk.ls1 = _ZeroAttention(), nn.Identity(), nn.Identity()
+        elif term == 'k':
+            blk.diffusion = _NoDiffusion()
+        else:
+            raise ValueError(f"term must be 'adiff' or 'k', got {term!r}.")
+    return model
+
+
+ROWS: Dict[str, Callable[..., nn.Module]] = {
+    'ldn': lambda **kw: LdnSequenceClassifier(**kw),
+    'transformer': lambda **kw: TransformerClassifier(**kw),
+    'linear_transformer': lambda **kw: TransformerClassifier(linear=True, **kw),
+    'ldn_no_adiff': lambda **kw: ldn_without('adiff', **kw),
+    'ldn_no_k': lambda **kw: ldn_without('k', **kw),
+}
+
+
+def build(row: str, **kwargs) -> nn.Module:
+    """A row by name with the shared architecture arguments (``num_classes``, ``vocab_size`` / ``in_features``,
+    ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``max_len``)."""
+    if row not in ROWS:
+        raise ValueError(f'unknown row {row!r}; rows: {list(ROWS)}.')
+    return ROWS[row](**kwargs)

@@ -1,0 +1,190 @@
+"""The sequence benchmark: every (task, row, seed) run under one recipe, resumable, and its report.
+
+    python eval/lra/tasks.py                                                  # once: generate ListOps
+    python eval/lra/study.py run --task listops --rows ldn transformer --seeds 0 1 --steps 6000 --snapshot
+    python eval/lra/study.py run --task listops --rows linear_transformer ldn_no_adiff ldn_no_k --seeds 0
+    python eval/lra/study.py report        # -> eval/results/lra/lra.{csv,json,md}, lra_curves.png
+
+``run`` skips finished runs and resumes unfinished ones from ``eval/runs/lra/<run>/last.pt``; ``--jobs`` runs that
+many at once, one thread each. ``--snapshot`` copies each unfinished run's last checkpoint and log to
+``eval/checkpoints/lra/<run>/`` (small, committed) so another machine continues after ``restore``.
+Accuracy is reported at the end of training (equal steps: every row has the same step budget) and at equal
+wall-clock time (each row's best validation accuracy within the training time the slowest row needed for the
+budget's steps, read from the logs, test unseen).
+"""
+import argparse
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+HERE = Path(__file__).resolve().parent
+EVAL = HERE.parent
+RUNS = EVAL / 'runs' / 'lra'
+RESULTS = EVAL / 'results' / 'lra'
+SNAPSHOTS = EVAL / 'checkpoints' / 'lra'
+sys.path.insert(0, str(HERE))
+import models  # noqa: E402
+import tasks  # noqa: E402
+
+
+def name(task: str, row: str, seed: int) -> str:
+    return f'{task}_{row}_s{seed}'
+
+
+def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, snapshot: bool, extra: List[str]) -> int:
+    todo = [(r, s) for s in seeds for r in rows if not (RESULTS / f'{name(task, r, s)}.json').is_file()]
+    print(f'{task}: {len(todo)} runs to do', flush=True)
+    running: List[Tuple[subprocess.Popen, str]] = []
+    failures = 0
+    while todo or running:
+        while todo and len(running) < jobs:
+            row, seed = todo.pop(0)
+            exp = name(task, row, seed)
+            (RUNS / exp).mkdir(parents=True, exist_ok=True)
+            log = open(RUNS / exp / 'stdout.log', 'a')
+            cmd = [sys.executable, str(HERE / 'train_lra.py'), '--task', task, '--row', row, '--seed', str(seed),
+                   '--steps', str(steps), '--threads', '1', '--resume'] + extra
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), exp))
+            print(f'started {exp}', flush=True)
+        time.sleep(10)
+        for proc, exp in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, exp))
+                ok = proc.returncode == 0 and (RESULTS / f'{exp}.json').is_file()
+                failures += not ok
+                print(f'{"finished" if ok else "FAILED"} {exp}', flush=True)
+        if snapshot:
+            save_snapshots([exp for _, exp in running])
+    return 1 if failures else 0
+
+
+def save_snapshots(experiments: List[str]) -> None:
+    for exp in experiments:
+        src = RUNS / exp
+        for f in ('last.pt', 'log.csv'):
+            if (src / f).is_file():
+                dst = SNAPSHOTS / exp / f
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.is_file() or (src / f).stat().st_mtime > dst.stat().st_mtime:
+                    shutil.copy2(src / f, dst)
+
+
+def restore() -> None:
+    for snap in sorted(SNAPSHOTS.glob('*/last.pt')):
+        run_dir = RUNS / snap.parent.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in ('last.pt', 'log.csv'):
+            if (snap.parent / f).is_file() and not (run_dir / f).is_file():
+                shutil.copy2(snap.parent / f, run_dir / f)
+        print(f'restored {snap.parent.name}')
+
+
+def _log(run: Dict) -> List[Dict[str, float]]:
+    path = EVAL.parent / run['log']
+    if not path.is_file():
+        path = SNAPSHOTS / Path(run['log']).parent.name / 'log.csv'
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def report() -> List[Dict]:
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob('*_s[0-9]*.json'))]
+    table = []
+    for task in tasks.TASKS:
+        runs = [r for r in results if r['task'] == task]
+        if not runs:
+            continue
+        logs = {(r['row'], r['seed']): _log(r) for r in runs}
+        budget_s = max(r['train_s'] for r in runs)  # the slowest row's time for the step budget
+        for row in models.ROWS:
+            mine = [r for r in runs if r['row'] == row]
+            if not mine:
+                continue
+            test = [r['test_acc'] for r in mine]
+            equal_time = [max((x['val_acc'] for x in logs[(row, r['seed'])] if x['cum_train_s'] <= budget_s),
+                              default=float('nan')) for r in mine]
+            table.append(dict(
+                task=task, row=row, seeds=[r['seed'] for r in mine], steps=mine[0]['steps'], params=mine[0]['params'],
+                train_subset=mine[0]['train_subset'], test_acc=statistics.mean(test), test_acc_runs=test,
+                test_acc_spread=max(test) - min(test), val_acc=statistics.mean(r['val_acc'] for r in mine),
+                val_acc_equal_time=statistics.mean(equal_time), equal_time_s=budget_s,
+                train_seq_s=statistics.mean(r['train_seq_s'] for r in mine),
+                train_s=statistics.mean(r['train_s'] for r in mine)))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'lra.json').write_text(json.dumps(table, indent=1))
+    keys = ['task', 'row', 'seeds', 'steps', 'params', 'train_subset', 'test_acc', 'test_acc_spread', 'val_acc',
+            'val_acc_equal_time', 'equal_time_s', 'train_seq_s', 'train_s']
+    with open(RESULTS / 'lra.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for t in table:
+            w.writerow({k: t[k] for k in keys})
+    lines = ['# Sequence benchmark (tasks generated here; eval/lra/README.md)', '',
+             'Generated by `python eval/lra/study.py report`. Equal steps: test accuracy of the best-validation '
+             'checkpoint at the end of the step budget. Equal time: best validation accuracy reached within the '
+             'slowest row\'s training time for that budget. One thread per run.', '',
+             '| task | row | params | steps x batch 32 | test acc (mean; runs) | val acc | val acc at equal time '
+             '| train seq/s | train time |', '|---|---|---|---|---|---|---|---|---|']
+    for t in table:
+        runs = ', '.join(f'{v:.2f}' for v in t['test_acc_runs'])
+        lines.append(f"| {t['task']} | {t['row']} | {t['params'] / 1e3:.0f} k | {t['steps']} | "
+                     f"**{t['test_acc']:.2f}** ({runs}) | {t['val_acc']:.2f} | {t['val_acc_equal_time']:.2f} "
+                     f"(in {t['equal_time_s'] / 60:.0f} min) | {t['train_seq_s']:.1f} | {t['train_s'] / 60:.0f} min |")
+    (RESULTS / 'lra.md').write_text('\n'.join(lines) + '\n')
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        task_names = sorted({t['task'] for t in table})
+        fig, axes = plt.subplots(2, len(task_names), figsize=(6 * len(task_names), 8), squeeze=False)
+        for j, task in enumerate(task_names):
+            for r in (r for r in results if r['task'] == task):
+                log = _log(r)
+                label = f"{r['row']} s{r['seed']}"
+                axes[0][j].plot([x['step'] for x in log], [x['val_acc'] for x in log], label=label)
+                axes[1][j].plot([x['cum_train_s'] / 60 for x in log], [x['val_acc'] for x in log], label=label)
+            axes[0][j].set(title=f'{task}: validation accuracy vs steps', xlabel='step', ylabel='%')
+            axes[1][j].set(title=f'{task}: vs training time (1 thread)', xlabel='minutes', ylabel='%')
+            for ax in axes[:, j]:
+                ax.grid(alpha=.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(RESULTS / 'lra_curves.png', dpi=110)
+    except ImportError:
+        pass
+    print((RESULTS / 'lra.md').read_text())
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    r = sub.add_parser('run')
+    r.add_argument('--task', choices=tasks.TASKS, required=True)
+    r.add_argument('--rows', nargs='+', choices=list(models.ROWS), default=list(models.ROWS))
+    r.add_argument('--seeds', nargs='+', type=int, default=[0])
+    r.add_argument('--steps', type=int, default=5000)
+    r.add_argument('--jobs', type=int, default=2)
+    r.add_argument('--snapshot', action='store_true')
+    r.add_argument('--train-subset', type=int, default=0)
+    sub.add_parser('report')
+    sub.add_parser('restore')
+    args = p.parse_args(argv)
+    if args.cmd == 'run':
+        extra = ['--train-subset', str(args.train_subset)] if args.train_subset else []
+        return run(args.task, args.rows, args.seeds, args.steps, args.jobs, args.snapshot, extra)
+    if args.cmd == 'restore':
+        restore()
+        return 0
+    report()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The sequence tasks, generated here (LRA's own data cannot be downloaded): ListOps and (permuted) sequential
+Fashion-MNIST.
+
+    python eval/lra/tasks.py          # ListOps splits -> eval/data/lra/listops.pt; statistics -> eval/results/lra/tasks.json
+
+* ``listops``: ``eval/lra/listops.py`` (LRA's generator re-implemented), depth 10, up to 10 arguments, 32-512 tokens,
+  50k / 2k / 5k train / validation / test, seed 0. Token ids, 0 = padding.
+* ``sfmnist``: each Fashion-MNIST image as 784 pixel steps, one feature each (LRA's Image task on our data),
+  normalised with the training-pixel mean / std; train = the train split minus the 5k validation hold-out of
+  ``eval/fmnist_data.py``, test = the official 10k.
+* ``psfmnist``: the same with one fixed permutation of the 784 positions (seed 0): no locality left, so only
+  global mixing can solve it.
+"""
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import listops  # noqa: E402
+
+DATA = HERE.parent / 'data' / 'lra'
+RESULTS = HERE.parent / 'results' / 'lra'
+LISTOPS = dict(counts=(50_000, 2_000, 5_000), seed=0, min_len=32, max_len=512, max_depth=10, max_args=10)
+SPLITS = ('train', 'validation', 'test')
+FMNIST_MEAN, FMNIST_STD = 0.2859, 0.3529
+PERMUTATION_SEED = 0
+TASKS = ('listops', 'sfmnist', 'psfmnist')
+
+
+def make_listops(path: Path = DATA / 'listops.pt') -> Dict[str, object]:
+    """Generate the ListOps splits (padded int16 ids + lengths + labels) and save them."""
+    start = time.perf_counter()
+    splits = listops.generate(**LISTOPS)
+    out: Dict[str, object] = dict(config=LISTOPS, vocab=listops.VOCAB)
+    for name, rows in zip(SPLITS, splits):
+        lengths = torch.tensor([len(t) for t, _ in rows])
+        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int16)
+        for i, (t, _) in enumerate(rows):
+            ids[i, :len(t)] = torch.tensor(t, dtype=torch.int16)
+        out[name] = dict(ids=ids, lengths=lengths, labels=torch.tensor([y for _, y in rows]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    out['seconds'] = time.perf_counter() - start
+    return out
+
+
+def load_listops(path: Path = DATA / 'listops.pt') -> Dict[str, object]:
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} missing: run `python eval/lra/tasks.py` first.')
+    return torch.load(path, weights_only=False)
+
+
+def permutation() -> torch.Tensor:
+    return torch.randperm(784, generator=torch.Generator().manual_seed(PERMUTATION_SEED))
+
+
+def load_pixel_task(task: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sequences float32 (N, 784, 1), labels (N,))`` of ``sfmnist`` / ``psfmnist``."""
+    import fmnist_tensors
+    images, labels = fmnist_tensors.load_split_tensors(split)
+    x = ((images.flatten(1).float() / 255.) - FMNIST_MEAN) / FMNIST_STD
+    if task == 'psfmnist':
+        x = x[:, permutation()]
+    elif task != 'sfmnist':
+        raise ValueError(f'unknown pixel task {task!r}; use sfmnist or psfmnist.')
+    return x.unsqueeze(-1), labels
+
+
+def statistics(data: Dict[str, object]) -> Dict[str, object]:
+    stats: Dict[str, object] = dict(config=data['config'])
+    for name in SPLITS:
+        split = data[name]
+        counts = collections.Counter(split['labels'].tolist())
+        lengths = split['lengths'].float()
+        stats[name] = dict(size=len(split['labels']), majority_class=counts.most_common(1)[0][0],
+                           majority_rate=100. * counts.most_common(1)[0][1] / len(split['labels']),
+                           length_min=int(lengths.min()), length_median=float(lengths.median()),
+                           length_max=int(lengths.max()), label_counts=dict(sorted(counts.items())))
+    return stats
+
+
+def main() -> int:
+    data = make_listops()
+    stats = dict(listops=statistics(data), seconds=data['seconds'])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'tasks.json').write_text(json.dumps(stats, indent=1))
+    s = stats['listops']
+    print(f"ListOps: {s['train']['size']}/{s['validation']['size']}/{s['test']['size']} sequences, "
+          f"length {s['train']['length_min']}-{s['train']['length_max']} (median {s['train']['length_median']:.0f}); "
+          f"majority class {s['test']['majority_class']} = {s['test']['majority_rate']:.1f} % of the test split "
+          f"({data['seconds']:.0f} s) -> {DATA / 'listops.pt'}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Train one row of the sequence benchmark on one task under the shared recipe; resumable.
+
+    python eval/lra/train_lra.py --task listops --row ldn --seed 0 --steps 6000 --threads 1
+
+Recipe (every row, every task): AdamW (lr 1e-3, weight decay 0.05 except norms, biases and K's a_raw / tau),
+linear warm-up over 5 % of the steps then cosine, batch 32, gradient clipping 1.0, cross-entropy. Batches are
+padded to their longest sequence with the padding mask (ListOps); pixel tasks are fixed length. Every
+``--eval-every`` steps the validation split is scored and the best checkpoint (on validation) kept; the test split is
+read once, at the end, with that checkpoint. The log (``eval/runs/lra/<run>/log.csv``) records training time per
+interval, so accuracy can be read at equal steps and at equal wall-clock time.
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import models  # noqa: E402
+import tasks  # noqa: E402
+
+RUNS = HERE.parent / 'runs' / 'lra'
+RESULTS = HERE.parent / 'results' / 'lra'
+ARCH = dict(embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.)
+
+
+class TaskData:
+    """One task's split as (inputs, padding mask, labels) batches."""
+
+    def __init__(self, task: str, split: str, subset: int = 0, seed: int = 0):
+        self.task = task
+        if task == 'listops':
+            data = tasks.load_listops()[split]
+            self.ids, self.lengths, self.labels = data['ids'], data['lengths'], data['labels']
+        else:
+            self.x, self.labels = tasks.load_pixel_task(task, split)
+        if subset and subset < len(self.labels):
+            keep = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(1000 + seed))[:subset]
+            keep = keep.sort().values
+            if task == 'listops':
+                self.ids, self.lengths = self.ids[keep], self.lengths[keep]
+            else:
+                self.x = self.x[keep]
+            self.labels = self.labels[keep]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Any, torch.Tensor]:
+        if self.task == 'listops':
+            L = int(self.lengths[idx].max())
+            ids = self.ids[idx, :L].long()
+            mask = torch.arange(L)[None, :] >= self.lengths[idx][:, None]
+            return ids, mask, self.labels[idx]
+        return self.x[idx], None, self.labels[idx]
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        if self.task == 'listops':
+            return dict(num_classes=10, vocab_size=len(tasks.listops.VOCAB), max_len=tasks.LISTOPS['max_len'])
+        return dict(num_classes=10, in_features=1, max_len=784)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or n.endswith(('a_raw', 'tau')) else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskData, batch_size: int = 100) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x, mask, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        correct += (model(x, mask).argmax(-1) == y).sum().item()
+    model.train()
+    return 100. * correct / len(data)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    name = args.experiment or f'{args.task}_{args.row}_s{args.seed}'
+    run_dir = RUNS / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train = TaskData(args.task, 'train', args.train_subset, args.seed)
+    val = TaskData(args.task, 'validation', args.val_subset, args.seed)
+    torch.manual_seed(args.seed)
+    arch = dict(ARCH, **train.model_kwargs())
+    model = models.build(args.row, **arch)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    warmup = max(1, int(0.05 * args.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    step, rows, best = 0, [], -1.
+    gen = torch.Generator().manual_seed(args.seed)
+    last = run_dir / 'last.pt'
+    if args.resume and last.is_file():
+        ckpt = torch.load(last, weights_only=False)
+        model.load_state_dict(ckpt['model'])
+        opt.load_state_dict(ckpt['opt'])
+        step, rows, best = ckpt['step'], ckpt['rows'], ckpt['best']
+        gen.set_state(ckpt['gen'])
+        print(f'resumed {name} at step {step}', flush=True)
+    model.train()
+    t0, seen, loss_sum, correct = time.perf_counter(), 0, 0., 0
+    while step < args.steps:
+        idx = torch.randint(0, len(train), (args.batch_size,), generator=gen)
+        x, mask, y = train.batch(idx)
+        for g in opt.param_groups:
+            g['lr'] = lr_at(step)
+        out = model(x, mask)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        correct += (out.argmax(-1) == y).sum().item()
+        if step % args.eval_every == 0 or step == args.steps:
+            train_s = time.perf_counter() - t0
+            val_acc = evaluate(model, val)
+            cum = (rows[-1]['cum_train_s'] if rows else 0.) + train_s
+            rows.append(dict(step=step, train_loss=loss_sum / seen, train_acc=100. * correct / seen, val_acc=val_acc,
+                             train_s=train_s, cum_train_s=cum, seq_s=seen / train_s, lr=lr_at(step - 1)))
+            if val_acc > best:
+                best = val_acc
+                torch.save(model.state_dict(), run_dir / 'best.pt')
+            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rows=rows, best=best,
+                            gen=gen.get_state()), last)
+            with open(run_dir / 'log.csv', 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            print(f'{name} step {step}/{args.steps} loss {rows[-1]["train_loss"]:.3f} train {rows[-1]["train_acc"]:.1f} '
+                  f'val {val_acc:.2f} (best {best:.2f}) {rows[-1]["seq_s"]:.0f} seq/s', flush=True)
+            t0, seen, loss_sum, correct = time.perf_counter(), 0, 0., 0
+    model.load_state_dict(torch.load(run_dir / 'best.pt', weights_only=True))
+    best_row = max(rows, key=lambda r: r['val_acc'])
+    test_acc = evaluate(model, TaskData(args.task, 'test'))
+    summary = dict(task=args.task, row=args.row, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                   lr=args.lr, arch=arch, params=params, train_subset=args.train_subset or len(train),
+                   val_subset=len(val), best_step=best_row['step'], val_acc=best_row['val_acc'], test_acc=test_acc,
+                   train_seq_s=sum(r['seq_s'] * r['train_s'] for r in rows) / sum(r['train_s'] for r in rows),
+                   train_s=rows[-1]['cum_train_s'], threads=args.threads, log=str((run_dir / 'log.csv').relative_to(HERE.parent.parent)))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f'{name}.json').write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1), flush=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--task', choices=tasks.TASKS, required=True)
+    p.add_argument('--row', choices=list(models.ROWS), required=True)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--steps', type=int, default=5000)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--weight-decay', type=float, default=0.05)
+    p.add_argument('--eval-every', type=int, default=250)
+    p.add_argument('--train-subset', type=int, default=0, help='train on a fixed random subset (0: all)')
+    p.add_argument('--val-subset', type=int, default=2000, help='validation sequences scored per evaluation')
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--experiment', default='')
+    p.add_argument('--resume', action='store_true')
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -28,20 +28,8 @@ CASES = {  # name -> (resolution, batch, training step?)
     'train_224_b8': (224, 8, True),
 }
 RESULTS = Path(__file__).resolve().parent / 'results'
-
-
-def live_peak_mb(fn) -> float:
-    """High-water mark of live tensor bytes during one call (profiler allocation events), MiB."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2 ** 20
+sys.path.insert(0, str(RESULTS.parent))
+from bench_harness import live_peak_mb  # noqa: E402
 
 
 def worker(case: str, iters: int, peak_only: bool = False) -> Dict[str, float]:

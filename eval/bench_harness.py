@@ -144,9 +144,18 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float:
             model(x)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+    return live_peak_mb(forward)
+
+
+def live_peak_mb(fn: Callable[[], object]) -> float:
+    """High-water mark (MiB) of live tensor bytes during one call of ``fn`` on CPU, from the profiler's allocation
+    and free events: activations, saved tensors and workspaces, not weights or allocator caching."""
     from torch.profiler import ProfilerActivity, profile
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(x)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0

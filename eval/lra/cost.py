@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_harness import live_peak_mb as peak_mb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / 'results' / 'lra'
 ROWS = ('ldn', 'transformer', 'linear_transformer')
@@ -33,19 +35,6 @@ def fwd_bwd(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
         model.zero_grad(set_to_none=True)
         model(x).sum().backward()
     return call
-
-
-def peak_mb(fn: Callable[[], None]) -> float:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak / 2 ** 20
 
 
 def slope(xs: List[float], ys: List[float]) -> float:

@@ -148,6 +148,28 @@ def test_shipped_weights_test_subset_accuracy():
     assert abs(top1 - meta['test_subset']['top1']) <= 0.1
 
 
+def test_int8_dynamic_quantization_keeps_the_shipped_accuracy():
+    """quantize_dynamic on every Linear of the shipped tag: test top-1 within 0.5 points of fp32 (official 10k)."""
+    model = _shipped_model()
+    try:
+        images, labels = fmnist_data.load_split(fmnist_data.DEFAULT_SRC, 'test')
+    except FileNotFoundError:
+        pytest.skip('Fashion-MNIST IDX files not installed')
+    import copy
+    cfg = model.pretrained_cfg
+    x = (torch.from_numpy(np.array(images)).float().unsqueeze(1) / 255. - cfg['mean'][0]) / cfg['std'][0]
+    y = torch.from_numpy(labels.astype(np.int64))
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+    def top1(m):
+        with torch.no_grad():
+            pred = torch.cat([m(x[i:i + 1000]).argmax(-1) for i in range(0, len(x), 1000)])
+        return 100. * (pred == y).float().mean().item()
+    fp32, int8 = top1(model), top1(quantized)
+    assert abs(fp32 - 92.75) <= 0.01  # the tag's published number, through this plain tensor path
+    assert abs(int8 - fp32) <= 0.5, (fp32, int8)
+
+
 def test_pretrained_true_works_offline_from_the_shipped_copy(tmp_path):
     """timm.create_model('<tag>', pretrained=True) in a clone without network: the verified shipped copy loads."""
     import subprocess

@@ -6,7 +6,7 @@ ablations in ``eval/ablations.py``, the conv tokenizer of ``timm_ldn``), never s
 """
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -119,6 +119,23 @@ class CompactConvTransformer(nn.Module):
     def no_weight_decay(self):
         return {'pos_embed'}
 
+    def forward_intermediates(self, x: torch.Tensor, indices=None, intermediates_only: bool = True,
+                              output_fmt: str = 'NCHW') -> List[torch.Tensor]:
+        """The token map after each block as NCHW (what ``timm_ldn.visualize`` reads; timm's argument names)."""
+        if not intermediates_only or output_fmt != 'NCHW':
+            raise ValueError('CompactConvTransformer.forward_intermediates returns NCHW intermediates only.')
+        take = range(len(self.blocks)) if indices is None else (
+            range(len(self.blocks) - indices, len(self.blocks)) if isinstance(indices, int) else indices)
+        tokens = self.patch_embed(x)
+        B, h, w, C = tokens.shape
+        x = tokens.flatten(1, 2) + self.pos_embed
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in take:
+                out.append(x.transpose(1, 2).reshape(B, C, h, w))
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(1, 2) + self.pos_embed
         x = self.blocks(x)
@@ -155,3 +172,9 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
                 m.fused_attn = False
         return model
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def cct_tok32() -> nn.Module:
+    """The tokenizer study's CCT row at Fashion-MNIST's classes / channels: the ERF baseline of
+    ``ldn show --baseline eval/study_models.py:cct_tok32`` (weights via ``--baseline-checkpoint``)."""
+    return build_model('cct_tok32', num_classes=10, in_chans=1)

@@ -13,6 +13,8 @@ from timm_ldn import visualize as V
 from timm_ldn.cli import main as ldn_main
 from timm_ldn.diffusion import diffusion_attention_reference, grid_diameter
 
+ROOT = Path(__file__).resolve().parents[1]
+
 MODEL = 'ldn_nano_patch4_28'  # patch 4, offsets (1, 2), 6 blocks, 2 heads, 1 channel
 
 
@@ -143,6 +145,26 @@ def test_baseline_checkpoint_is_loaded(tmp_path):
         V.create_baseline('vit_nano_patch4_28', tmp_path / 'other.pth')
     with pytest.raises(ValueError, match='Unknown baseline'):
         V.create_baseline('no_such_vit')
+
+
+def test_baseline_from_a_file_gives_the_cct_erf(tmp_path):
+    """A model class outside timm's registry (the study's CCT, eval/study_models.py:cct_tok32) is a baseline too:
+    its checkpoint loads strictly and its ERF is measured on the same token grid as LDN's."""
+    spec = f'{ROOT / "eval" / "study_models.py"}:cct_tok32'
+    cct = V.create_baseline(spec)
+    path = tmp_path / 'cct.pth'
+    torch.save(cct.state_dict(), path)
+    loaded = V.create_baseline(spec, path)
+    assert all(torch.equal(a, b) for a, b in zip(cct.state_dict().values(), loaded.state_dict().values()))
+    erf = V.effective_receptive_field(loaded, torch.randn(2, 1, 28, 28), 'centre')
+    assert erf.grid == (7, 7) and erf.token_maps.shape == (6, 1, 7, 7)
+    assert erf.token_fraction(0.)[0] == 1.  # softmax attention: every token from the first block
+    with pytest.raises(ValueError, match='does not fit'):
+        V.create_baseline(f'{ROOT / "eval" / "study_models.py"}:CompactConvTransformer', path)  # MLP ratio 4
+    with pytest.raises(ValueError, match='Cannot import baseline .*no file'):
+        V.create_baseline('eval/no_such_file.py:cct_tok32')
+    with pytest.raises(ValueError, match='Cannot import baseline'):
+        V.create_baseline('timm_ldn.visualize:no_such_model')
 
 
 def test_bad_layer_and_query_name_the_valid_range(model):

@@ -44,8 +44,34 @@ BASELINE_ARCHS: Dict[str, Dict[str, Any]] = {
 OutputTokens = Union[str, Sequence[Tuple[int, int]]]
 
 
+def _import_callable(spec: str) -> Callable[[], nn.Module]:
+    """``FILE.py:NAME`` (the file's folder joins ``sys.path``, so its sibling imports resolve) or
+    ``package.module:NAME`` -> the object ``NAME``."""
+    import importlib
+    import importlib.util
+    import sys
+
+    where, _, attr = spec.rpartition(':')
+    try:
+        if where.endswith('.py'):
+            path = Path(where).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f'no file {where}')
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
+            module = importlib.import_module(path.stem)
+        else:
+            module = importlib.import_module(where)
+        return getattr(module, attr)
+    except (ImportError, AttributeError, FileNotFoundError) as e:
+        raise ValueError(
+            f'Cannot import baseline {spec!r} ({e}). Give FILE.py:NAME or package.module:NAME, e.g. '
+            'eval/study_models.py:CompactConvTransformer.') from e
+
+
 def create_baseline(name: str, checkpoint: Optional[Union[str, Path]] = None) -> nn.Module:
-    """A baseline by ``BASELINE_ARCHS`` name or timm model name, with the weights of ``checkpoint`` if given.
+    """A baseline by ``BASELINE_ARCHS`` name, timm model name or ``FILE.py:NAME`` / ``package.module:NAME`` of a
+    model class (built with its defaults), with the weights of ``checkpoint`` if given.
 
     ``checkpoint``: a bare state dict (``.pth`` / ``.safetensors``) or a timm ``train.py`` checkpoint (EMA weights
     preferred), loaded strictly. Without one the model keeps its random initialisation.
@@ -53,12 +79,16 @@ def create_baseline(name: str, checkpoint: Optional[Union[str, Path]] = None) ->
     import timm
     from timm.models import load_checkpoint
 
-    kwargs = dict(BASELINE_ARCHS.get(name, {}))
-    entry = kwargs.pop('entry', name)
-    if not timm.is_model(entry):
-        raise ValueError(
-            f'Unknown baseline {name!r}. Pass a timm model name or one of {sorted(BASELINE_ARCHS)}.')
-    model = timm.create_model(entry, pretrained=False, **kwargs)
+    if ':' in name:  # a model class / factory outside timm's registry, e.g. the study's CCT
+        model = _import_callable(name)()
+    else:
+        kwargs = dict(BASELINE_ARCHS.get(name, {}))
+        entry = kwargs.pop('entry', name)
+        if not timm.is_model(entry):
+            raise ValueError(
+                f'Unknown baseline {name!r}. Pass a timm model name, one of {sorted(BASELINE_ARCHS)}, or a '
+                'model class as FILE.py:NAME / package.module:NAME (built with its default arguments).')
+        model = timm.create_model(entry, pretrained=False, **kwargs)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise ValueError(

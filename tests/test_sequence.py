@@ -240,3 +240,28 @@ def test_token_depthwise_conv_equals_nn_conv1d():
             torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match='odd'):
         TokenDepthwiseConv1d(4, 2)
+
+
+def test_length_window_batches_pad_little_and_draw_every_sequence_equally():
+    """The sequence benchmark's ListOps sampler (eval/lra/train_lra.py): batches of similar lengths, yet each
+    sequence drawn as often as under uniform sampling, the shortest and longest included."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
+    from train_lra import length_window_sample
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(32, 513, (4000,), generator=gen)
+    by_length = lengths.argsort(stable=True)
+    counts = torch.zeros(len(lengths))
+    spreads = []
+    for _ in range(4000):
+        idx = length_window_sample(by_length, 32, gen, window=200)
+        counts += torch.bincount(idx, minlength=len(lengths))
+        spreads.append(float(lengths[idx].max() - lengths[idx].min()))
+    uniform = torch.randint(0, len(lengths), (32,), generator=gen)
+    assert sorted(spreads)[len(spreads) // 2] < 0.1 * float(lengths[uniform].max() - lengths[uniform].min())
+    mean = counts.mean()  # 32 per sequence
+    ends = torch.cat([by_length[:200], by_length[-200:]])
+    assert abs(counts[ends].mean() - mean) < 0.1 * mean  # a clipped window would give the ends ~half
+    assert abs(counts[by_length[1900:2100]].mean() - mean) < 0.1 * mean

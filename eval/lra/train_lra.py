@@ -3,8 +3,9 @@
     python eval/lra/train_lra.py --task listops --row ldn --seed 0 --steps 6000 --threads 1
 
 Recipe (every row, every task): AdamW (lr 1e-3, weight decay 0.05 except norms, biases and K's a_raw / tau),
-linear warm-up over 5 % of the steps then cosine, batch 32, gradient clipping 1.0, cross-entropy. Batches are
-padded to their longest sequence with the padding mask (ListOps); pixel tasks are fixed length. Every
+linear warm-up over 5 % of the steps then cosine, batch 32, gradient clipping 1.0, cross-entropy. ListOps batches
+are drawn from a window of length-sorted sequences (uniform coverage, little padding) and padded to their longest
+sequence with the padding mask; pixel tasks are fixed length and sampled uniformly. Every
 ``--eval-every`` steps the validation split is scored and the best checkpoint (on validation) kept; the test split is
 read once, at the end, with that checkpoint. The log (``eval/runs/lra/<run>/log.csv``) records training time per
 interval, so accuracy can be read at equal steps and at equal wall-clock time.
@@ -33,6 +34,19 @@ RESULTS = HERE.parent / 'results' / 'lra'
 ARCH = dict(embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.)
 
 
+def length_window_sample(by_length: torch.Tensor, batch_size: int, gen: torch.Generator,
+                         window: int = 1024) -> torch.Tensor:
+    """``batch_size`` indices drawn uniformly from a cyclic window of ``window`` consecutive entries of
+    ``by_length`` (indices sorted by sequence length) at a uniform random start: a batch pads to nearly its own
+    lengths, and every sequence lies in exactly ``window`` of the ``n`` windows, so each is drawn with the same
+    probability as under uniform sampling (a clipped, non-cyclic window would under-draw the shortest and longest)."""
+    n = len(by_length)
+    if window >= n:
+        return by_length[torch.randint(0, n, (batch_size,), generator=gen)]
+    start = int(torch.randint(0, n, (1,), generator=gen))
+    return by_length[(start + torch.randint(0, window, (batch_size,), generator=gen)) % n]
+
+
 class TaskData:
     """One task's split as (inputs, padding mask, labels) batches."""
 
@@ -52,8 +66,18 @@ class TaskData:
                 self.x = self.x[keep]
             self.labels = self.labels[keep]
 
+        # training batches come from a window of length-sorted sequences (see sample): ListOps lengths run 32-512,
+        # and a batch of 32 random ones pads to ~500 tokens where its median is ~250
+        self.by_length = self.lengths.argsort(stable=True) if task == 'listops' else None
+
     def __len__(self) -> int:
         return len(self.labels)
+
+    def sample(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        """Training batch indices: uniform (pixel tasks) or :func:`length_window_sample` (ListOps)."""
+        if self.by_length is None:
+            return torch.randint(0, len(self), (batch_size,), generator=gen)
+        return length_window_sample(self.by_length, batch_size, gen)
 
     def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Any, torch.Tensor]:
         if self.task == 'listops':
@@ -80,8 +104,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 def evaluate(model: nn.Module, data: TaskData, batch_size: int = 100) -> float:
     model.eval()
     correct = 0
+    order = data.by_length if data.by_length is not None else torch.arange(len(data))  # batches pad less
     for start in range(0, len(data), batch_size):
-        x, mask, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        x, mask, y = data.batch(order[start:start + batch_size])
         correct += (model(x, mask).argmax(-1) == y).sum().item()
     model.train()
     return 100. * correct / len(data)
@@ -119,7 +144,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model.train()
     t0, seen, loss_sum, correct = time.perf_counter(), 0, 0., 0
     while step < args.steps:
-        idx = torch.randint(0, len(train), (args.batch_size,), generator=gen)
+        idx = train.sample(args.batch_size, gen)
         x, mask, y = train.batch(idx)
         for g in opt.param_groups:
             g['lr'] = lr_at(step)

@@ -7,6 +7,7 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
 * ``linear_transformer``: the same pre-norm layer with linear attention ``φ(Q)(φ(K)ᵀV) / φ(Q)φ(K)ᵀ1``, ``φ = elu+1``
   (Katharopoulos et al. 2020): the known-fail control on ListOps (LRA: 16.1 %).
 * ``ldn_no_adiff`` / ``ldn_no_k``: LDN with the A_diff branch / the K step removed (the block's modules replaced).
+* ``ldn_k_local``: LDN with K's offsets cut to 1, 2, 4, 8 (the offset screen: how far K itself should reach).
 """
 import math
 from typing import Callable, Dict, Optional
@@ -130,6 +131,9 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     'linear_transformer': lambda **kw: TransformerClassifier(linear=True, **kw),
     'ldn_no_adiff': lambda **kw: ldn_without('adiff', **kw),
     'ldn_no_k': lambda **kw: ldn_without('k', **kw),
+    # K's reach, chosen by measurement (short screens): only local offsets, so K's path diameter (65 hops at
+    # L = 512; 6 with the default 1, 2, ..., 256) is far beyond the depth and long-range paths run through A_diff
+    'ldn_k_local': lambda **kw: LdnSequenceClassifier(diffusion_offsets=(1, 2, 4, 8), **kw),
 }
 
 

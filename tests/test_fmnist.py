@@ -133,13 +133,18 @@ def test_shipped_weights_on_bundled_samples():
     assert sum(p == y for p, y in zip(pred, labels)) / len(files) >= 0.75
 
 
+def _official_test_split():
+    """The official 10k test images and labels from the IDX files (skips where they are not installed)."""
+    try:
+        return fmnist_data.load_split(fmnist_data.DEFAULT_SRC, 'test')
+    except FileNotFoundError:
+        pytest.skip('Fashion-MNIST IDX files not installed')
+
+
 def test_shipped_weights_test_subset_accuracy():
     """First 2000 official test images, read from the IDX file: top-1 as recorded at export (±0.1%)."""
     model = _shipped_model()
-    try:
-        images, labels = fmnist_data.load_split(fmnist_data.DEFAULT_SRC, 'test')
-    except FileNotFoundError:
-        pytest.skip('Fashion-MNIST IDX files not installed')
+    images, labels = _official_test_split()
     from PIL import Image
     meta = json.loads((SAMPLES / 'samples.json').read_text())
     n = meta['test_subset']['images']
@@ -151,10 +156,7 @@ def test_shipped_weights_test_subset_accuracy():
 def test_int8_dynamic_quantization_keeps_the_shipped_accuracy():
     """quantize_dynamic on every Linear of the shipped tag: test top-1 within 0.5 points of fp32 (official 10k)."""
     model = _shipped_model()
-    try:
-        images, labels = fmnist_data.load_split(fmnist_data.DEFAULT_SRC, 'test')
-    except FileNotFoundError:
-        pytest.skip('Fashion-MNIST IDX files not installed')
+    images, labels = _official_test_split()
     import copy
     cfg = model.pretrained_cfg
     x = (torch.from_numpy(np.array(images)).float().unsqueeze(1) / 255. - cfg['mean'][0]) / cfg['std'][0]

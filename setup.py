@@ -1,7 +1,7 @@
 """Build steps that pyproject.toml cannot express (all metadata is in pyproject.toml).
 
 1. ``weights/`` -> ``timm_ldn/weights/`` in the wheel: the manifest (sha256 of every published file), the weight
-   files it ships (``local_file``) and the sample images. ``weights/`` at the repository root stays the one
+   files it ships (``local_file``, with a ``config.json`` beside it for sequence models) and the sample images. ``weights/`` at the repository root stays the one
    source (``ldn export`` writes there; a checkout / editable install reads it in place, see
    ``timm_ldn.hub.weights_dir``); the sdist carries it through MANIFEST.in.
 2. ``timm_ldn_autoregister.pth`` into site-packages. A ``.pth`` file must sit at the top level of
@@ -39,6 +39,9 @@ def packaged_weights() -> List[Tuple[str, str]]:
     with open(manifest, encoding='utf-8') as f:
         entries = json.load(f).get('weights', {}).values()
     names = ['manifest.json'] + [e['local_file'] for e in entries if e.get('local_file')]
+    # a non-timm module's shipped copy (timm_ldn.sequence.load_published) is rebuilt from the config.json beside it
+    names += [c for c in (os.path.join(os.path.dirname(n), 'config.json') for n in names[1:])
+              if os.path.isfile(os.path.join(WEIGHTS_SRC, c))]
     samples = os.path.join(WEIGHTS_SRC, 'samples')
     if os.path.isdir(samples):
         names += [f'samples/{n}' for n in sorted(os.listdir(samples)) if os.path.isfile(os.path.join(samples, n))]

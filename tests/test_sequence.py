@@ -265,3 +265,47 @@ def test_length_window_batches_pad_little_and_draw_every_sequence_equally():
     ends = torch.cat([by_length[:200], by_length[-200:]])
     assert abs(counts[ends].mean() - mean) < 0.1 * mean  # a clipped window would give the ends ~half
     assert abs(counts[by_length[1900:2100]].mean() - mean) < 0.1 * mean
+
+
+def test_publish_writes_a_pinned_entry_that_load_published_reproduces(tmp_path, monkeypatch):
+    """eval/lra/publish.py: a finished run's best weights -> weights/<name>/ + manifest entry; load_published gives
+    the trained model's logits exactly; ablation rows are refused (their config.json would not rebuild them)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
+    import publish
+    import study
+    from timm_ldn import hub
+    from timm_ldn.sequence import load_published
+
+    monkeypatch.setattr(study, 'RESULTS', tmp_path / 'results')
+    monkeypatch.setattr(study, 'RUNS', tmp_path / 'runs')
+    arch = dict(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2., num_classes=10, vocab_size=12, max_len=64)
+    for row in ('ldn', 'ldn_no_k'):
+        run = f'listops_{row}_s0'
+        torch.manual_seed(0)
+        model = publish.models.build(row, **arch)
+        (study.RUNS / run).mkdir(parents=True)
+        torch.save(model.state_dict(), study.RUNS / run / 'best.pt')
+        study.RESULTS.mkdir(exist_ok=True)
+        (study.RESULTS / f'{run}.json').write_text(json.dumps(dict(
+            task='listops', row=row, seed=0, steps=10, arch=arch, best_step=10, val_acc=50., test_acc=49.)))
+    weights = tmp_path / 'weights'
+    entry = publish.publish('listops_ldn_s0', 'ldn_seq_test.lra', weights)
+    assert entry['sha256'] == hub.sha256_file(weights / 'ldn_seq_test.lra' / 'model.safetensors')
+    assert entry['eval']['test_acc'] == 49.
+
+    monkeypatch.setenv(hub.MANIFEST_ENV, str(weights / 'manifest.json'))
+
+    def unreachable(repo_id, filename, cache_dir):  # no Hub here: the verified shipped copy is the fallback
+        raise hub.WeightsError(f'{repo_id} unreachable')
+    monkeypatch.setattr(hub, '_download', unreachable)
+    torch.manual_seed(0)
+    trained = publish.models.build('ldn', **arch).eval()
+    x = torch.randint(1, 12, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(load_published('ldn_seq_test.lra').eval()(x), trained(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='not a plain LdnSequenceClassifier'):
+        publish.publish('listops_ldn_no_k_s0', 'ldn_seq_ablation', weights)
+    with pytest.raises(FileNotFoundError, match='finished runs'):
+        publish.publish('listops_ldn_s9', 'ldn_seq_missing', weights)

@@ -375,7 +375,7 @@ def summarize(names: List[str]) -> None:
 
 
 def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20, rounds: int = 5,
-          reference: Optional[str] = None) -> Dict[str, Any]:
+          reference: Optional[str] = None, amp: Optional[bool] = None) -> Dict[str, Any]:
     """End-to-end training throughput (input pipeline + step) of models × input pipelines, in one process.
 
     Every (model, pipeline) pair runs ``steps`` real training steps per round (same step as ``train``: recipe
@@ -385,14 +385,15 @@ def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20,
 
     Names are anything :func:`build_model` takes: study rows, baselines, registered models.
     With ``reference``, every name also gets its median per-round img/s ratio to that name, per pipeline.
+    ``amp`` overrides the recipe's bf16 autocast (False: the fp32 step).
     """
     import statistics
     recipe = load_recipe(DEFAULT_RECIPE)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     loss_fn = LabelSmoothingCrossEntropy(smoothing=recipe['smoothing'])
-    amp_ctx = partial(torch.autocast, 'cpu', dtype=getattr(torch, recipe.get('amp_dtype', 'bfloat16')),
-                      enabled=bool(recipe.get('amp')))
+    amp = bool(recipe.get('amp')) if amp is None else amp
+    amp_ctx = partial(torch.autocast, 'cpu', dtype=getattr(torch, recipe.get('amp_dtype', 'bfloat16')), enabled=amp)
     state = {}
     for name in names:
         for pipeline in pipelines:

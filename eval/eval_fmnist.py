@@ -1,14 +1,15 @@
 """Evaluate shipped Fashion-MNIST weights the way a user loads them, on the 10k test set.
 
-    python eval/eval_fmnist.py                                   # ldn_nano_patch4_28.fmnist_v2, shipped copy
-    python eval/eval_fmnist.py --file weights/ldn_nano_patch4_28.fmnist_v2/model.safetensors
+    python eval/eval_fmnist.py                                   # ldn_nano_convtok_28.fmnist, shipped copy
+    python eval/eval_fmnist.py --model ldn_nano_patch4_28.fmnist_v2 --file weights/ldn_nano_patch4_28.fmnist_v2/model.safetensors
     python eval/eval_fmnist.py --hub                             # plain pretrained=True (Hub download)
 
 Model: ``timm.create_model(NAME, pretrained=True)``; the weight file is the sha256-verified copy in
 ``weights/`` that the manifest lists (``local_file``), handed to timm as ``pretrained_cfg_overlay=dict(file=...)``
 (``--hub`` lets timm download instead, ``--file`` loads another file). Preprocessing is nothing but timm's
 standard eval transform from the tag's pretrained cfg: ``resolve_data_config`` + ``create_transform``.
-Prints top-1/top-5 and per-class accuracy, writes the confusion matrix PNG and a JSON of the numbers.
+Prints top-1/top-5 and per-class accuracy, writes the confusion matrix PNG and a JSON of the numbers
+(default: ``eval/results/<arch>_<tag>_confusion.png`` / ``<arch>_<tag>_eval.json``).
 """
 import argparse
 import json
@@ -25,7 +26,7 @@ from timm.data import create_dataset, create_transform, resolve_data_config
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 
 EVAL_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = 'ldn_nano_patch4_28.fmnist_v2'
+DEFAULT_MODEL = 'ldn_nano_convtok_28.fmnist'  # the README main job's model
 DEFAULT_DATA = EVAL_DIR / 'data' / 'fmnist'
 RESULTS_DIR = EVAL_DIR / 'results'
 
@@ -138,13 +139,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--split', default='test')
     p.add_argument('--batch-size', type=int, default=500)
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--confusion-png', type=Path, default=RESULTS_DIR / 'fmnist_v2_confusion.png')
-    p.add_argument('--json', type=Path, default=RESULTS_DIR / 'fmnist_v2_eval.json')
+    p.add_argument('--confusion-png', type=Path, default=None, help='default: eval/results/<arch>_<tag>_confusion.png')
+    p.add_argument('--json', type=Path, default=None, help='default: eval/results/<arch>_<tag>_eval.json')
     p.add_argument('--expect', type=float, default=None, help='fail unless top-1 is within --tol of this')
     p.add_argument('--tol', type=float, default=0.1)
     p.add_argument('--write-samples', type=Path, metavar='DIR', help='also bundle demo samples (weights/samples)')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    stem = args.model.replace('.', '_')
+    args.confusion_png = args.confusion_png or RESULTS_DIR / f'{stem}_confusion.png'
+    args.json = args.json or RESULTS_DIR / f'{stem}_eval.json'
 
     model = load_model(args.model, args.file, args.hub)
     res = evaluate(model, args.data_dir, args.split, args.batch_size)

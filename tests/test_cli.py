@@ -123,8 +123,9 @@ def test_predict_bundled_samples(monkeypatch, capsys):
     """``ldn predict --samples``: the shipped Fashion-MNIST images with the shipped weights, no Hub."""
     monkeypatch.delenv(hub.MANIFEST_ENV, raising=False)
     monkeypatch.setattr(hub, '_download', lambda *a, **k: (_ for _ in ()).throw(AssertionError('no Hub needed')))
-    rows = _predict_json(capsys, '--samples', '--model', 'ldn_nano_patch4_28.fmnist_v2', '--topk', '1')[1]
-    truth = json.loads((hub.samples_dir() / 'samples.json').read_text())['images']
+    meta = json.loads((hub.samples_dir() / 'samples.json').read_text())
+    rows = _predict_json(capsys, '--samples', '--model', meta['model'], '--topk', '1')[1]
+    truth = meta['images']
     assert len(rows) == len(truth) == 10
     for row in rows:
         assert row['topk'][0]['index'] == truth[Path(row['image']).name]['predicted'], row

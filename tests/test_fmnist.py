@@ -23,7 +23,9 @@ sys.path.insert(0, str(ROOT / 'eval'))
 import fmnist_data  # noqa: E402
 
 MODEL = 'ldn_nano_patch4_28'
-TAG = MODEL + '.fmnist_v2'  # the default tag
+# every shipped Fashion-MNIST tag; the first is the README main job's model, whose predictions weights/samples record
+SHIPPED = ('ldn_nano_convtok_28.fmnist', 'ldn_nano_patch4_28.fmnist_v2')
+DEFAULT = SHIPPED[0]
 SAMPLES = ROOT / 'weights' / 'samples'
 
 
@@ -104,15 +106,15 @@ def test_variant_cfg_and_forward():
     torch.testing.assert_close(x[0], expected, atol=1e-5, rtol=0)
 
 
-def _shipped_model() -> torch.nn.Module:
+def _shipped_model(tag: str = DEFAULT) -> torch.nn.Module:
     from timm_ldn.hub import local_weight_file
     try:
-        local = local_weight_file(TAG)
+        local = local_weight_file(tag)
     except Exception as e:  # noqa: BLE001  a tampered copy must fail loudly, not skip
-        raise AssertionError(f'shipped {TAG} copy fails verification: {e}') from e
+        raise AssertionError(f'shipped {tag} copy fails verification: {e}') from e
     if local is None:
-        pytest.skip(f'no shipped {TAG} weights in weights/')
-    return timm.create_model(TAG, pretrained=True, pretrained_cfg_overlay=dict(file=str(local))).eval()
+        pytest.skip(f'no shipped {tag} weights in weights/')
+    return timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(local))).eval()
 
 
 def _predict(model: torch.nn.Module, images) -> torch.Tensor:
@@ -125,6 +127,7 @@ def test_shipped_weights_on_bundled_samples():
     model = _shipped_model()
     from PIL import Image
     meta = json.loads((SAMPLES / 'samples.json').read_text())
+    assert meta['model'] == DEFAULT  # the samples record the main job's model
     files = sorted(meta['images'])
     images = [Image.open(SAMPLES / f).convert('L') for f in files]
     pred = _predict(model, images).tolist()
@@ -153,9 +156,11 @@ def test_shipped_weights_test_subset_accuracy():
     assert abs(top1 - meta['test_subset']['top1']) <= 0.1
 
 
-def test_int8_dynamic_quantization_keeps_the_shipped_accuracy():
-    """quantize_dynamic on every Linear of the shipped tag: test top-1 within 0.5 points of fp32 (official 10k)."""
-    model = _shipped_model()
+@pytest.mark.parametrize('tag', SHIPPED)
+def test_int8_dynamic_quantization_keeps_the_shipped_accuracy(tag):
+    """quantize_dynamic on every Linear of a shipped tag: test top-1 within 0.5 points of fp32 (official 10k)."""
+    from timm_ldn import hub
+    model = _shipped_model(tag)
     images, labels = _official_test_split()
     import copy
     cfg = model.pretrained_cfg
@@ -168,23 +173,24 @@ def test_int8_dynamic_quantization_keeps_the_shipped_accuracy():
             pred = torch.cat([m(x[i:i + 1000]).argmax(-1) for i in range(0, len(x), 1000)])
         return 100. * (pred == y).float().mean().item()
     fp32, int8 = top1(model), top1(quantized)
-    assert abs(fp32 - 92.75) <= 0.01  # the tag's published number, through this plain tensor path
+    assert abs(fp32 - hub.load_manifest()['weights'][tag]['eval']['top1']) <= 0.01  # published, via plain tensors
     assert abs(int8 - fp32) <= 0.5, (fp32, int8)
 
 
-def test_pretrained_true_works_offline_from_the_shipped_copy(tmp_path):
+@pytest.mark.parametrize('tag', SHIPPED)
+def test_pretrained_true_works_offline_from_the_shipped_copy(tmp_path, tag):
     """timm.create_model('<tag>', pretrained=True) in a clone without network: the verified shipped copy loads."""
     import subprocess
     from safetensors.torch import load_file
     code = (
         "import timm, timm_ldn, torch\n"
-        "m = timm.create_model('ldn_nano_patch4_28.fmnist_v2', pretrained=True)\n"
-        "torch.save(m.state_dict(), r'%s')\n" % (tmp_path / 'sd.pt'))
+        "m = timm.create_model('%s', pretrained=True)\n"
+        "torch.save(m.state_dict(), r'%s')\n" % (tag, tmp_path / 'sd.pt'))
     env = dict(__import__('os').environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'))
     proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = torch.load(tmp_path / 'sd.pt', weights_only=True)
-    shipped = load_file(str(Path(timm_ldn.__file__).parents[1] / 'weights' / 'ldn_nano_patch4_28.fmnist_v2' / 'model.safetensors'))
+    shipped = load_file(str(Path(timm_ldn.__file__).parents[1] / 'weights' / tag / 'model.safetensors'))
     for k, v in shipped.items():
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
 
@@ -289,11 +295,13 @@ def test_study_snapshots_travel_to_another_checkout(tmp_path, monkeypatch):
     assert (run / 'last.pth.tar').read_bytes() == b'epoch 9'
 
 
-def test_default_tag_is_the_v2_block_and_reproduces_its_manifest_probe():
-    """The untagged name's weights are the study's v2 model; its logits match the exporter's fingerprint."""
+@pytest.mark.parametrize('name', SHIPPED)
+def test_default_tag_is_the_v2_block_and_reproduces_its_manifest_probe(name):
+    """Each architecture's untagged name resolves to its shipped tag, a v2-block model built without extra
+    arguments; its logits match the exporter's fingerprint."""
     from timm_ldn import hub
-    name = MODEL + '.fmnist_v2'
-    assert timm.models.get_pretrained_cfg(MODEL).tag == 'fmnist_v2'  # the default tag
+    arch, tag = name.split('.')
+    assert timm.models.get_pretrained_cfg(arch).tag == tag  # the default tag
     entry = hub.load_manifest()['weights'][name]
     assert entry['model_args'] == {} and entry['layout_version'] == 2
     model = timm.create_model(name, pretrained=True,

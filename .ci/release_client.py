@@ -67,6 +67,9 @@ def load_every_tag(phase: str, expected: dict) -> None:
     import timm
     hf_home = Path(os.environ['HF_HOME']).resolve()
     for name, entry in expected['weights'].items():
+        if entry['architecture'] == SEQUENCE:
+            attempt(f'{phase}:load_published:{name}', lambda name=name: sequence_loads(name, hf_home))
+            continue
         for label, model_name in (('pretrained', name), ('hf_hub', f'hf-hub:{entry["hf_hub_id"]}')):
             def load(model_name=model_name, entry=entry):
                 model = timm.create_model(model_name, pretrained=True)
@@ -77,6 +80,24 @@ def load_every_tag(phase: str, expected: dict) -> None:
             attempt(f'{phase}:{label}:{name}', load)
         if phase == 'online':
             attempt(f'{phase}:transformers:{name}', lambda entry=entry: transformers_loads(entry))
+
+
+SEQUENCE = 'LdnSequenceClassifier'  # manifest architecture of non-timm sequence models
+
+
+def sequence_loads(name: str, hf_home: Path) -> dict:
+    """timm_ldn.sequence.load_published: the verified Hub snapshot in HF_HOME, rebuilt from its config.json."""
+    import torch
+    from timm_ldn.hub import verified_snapshot
+    from timm_ldn.sequence import load_published
+    folder = verified_snapshot(name).resolve()
+    model = load_published(name).eval()
+    enc = model.encoder
+    x = torch.randint(1, enc.vocab_size, (2, 32)) if enc.vocab_size else torch.randn(2, 32, enc.in_features)
+    with torch.no_grad():
+        finite = bool(torch.isfinite(model(x)).all())
+    from_cache = folder.is_relative_to(hf_home)
+    return dict(ok=from_cache and finite, folder=str(folder), from_hub_cache=from_cache, finite=finite)
 
 
 def transformers_loads(entry: dict) -> dict:
@@ -118,6 +139,9 @@ def tampered(expected: dict) -> None:
     import timm
     from timm_ldn.hub import ChecksumError
     for name, entry in expected['weights'].items():
+        if entry['architecture'] == SEQUENCE:
+            attempt(f'tampered:load_published:{name}', lambda name=name: sequence_refuses_altered(name))
+            continue
         for label, model_name in (('pretrained', name), ('hf_hub', f'hf-hub:{entry["hf_hub_id"]}')):
             def load(model_name=model_name):
                 try:
@@ -126,6 +150,23 @@ def tampered(expected: dict) -> None:
                     return dict(ok=True, refused=str(e)[:160])
                 return dict(ok=False, error='altered weights were loaded')
             attempt(f'tampered:{label}:{name}', load)
+
+
+def sequence_refuses_altered(name: str) -> dict:
+    """Altered Hub bytes are refused (ChecksumError); load_published then loads the verified shipped copy."""
+    import torch
+    from safetensors.torch import load_file
+    from timm_ldn.hub import ChecksumError, local_weight_file, verified_snapshot
+    from timm_ldn.sequence import load_published
+    try:
+        verified_snapshot(name)
+        return dict(ok=False, error='altered weights passed verification')
+    except ChecksumError as e:
+        refused = str(e)[:160]
+    shipped = load_file(str(local_weight_file(name)))
+    state = load_published(name).state_dict()
+    same = all(torch.equal(state[k], v) for k, v in shipped.items())
+    return dict(ok=same, refused=refused, loaded_verified_shipped_copy=same)
 
 
 def main() -> None:

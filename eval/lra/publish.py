@@ -65,6 +65,7 @@ def publish(run: str, name: str, weights_dir: Optional[Path] = None) -> Dict[str
     weights_dir = Path(weights_dir) if weights_dir is not None else hub.weights_dir()
     folder = weights_dir / name
     model.save_pretrained(folder)
+    (folder / 'README.md').unlink(missing_ok=True)  # the mixin's generic card; MODEL_CARD.md describes the model
     reloaded = LdnSequenceClassifier.from_pretrained(str(folder)).eval()
     gen = torch.Generator().manual_seed(0)
     if summary['arch'].get('vocab_size'):

@@ -80,7 +80,7 @@ def publish(run: str, name: str, weights_dir: Optional[Path] = None) -> Dict[str
         model=name, architecture='LdnSequenceClassifier', hf_hub_id=hub.hub_id(name), filename='model.safetensors',
         sha256=hub.sha256_file(weights), size=weights.stat().st_size, layout_version=1,
         local_file=f'{name}/model.safetensors', num_params=sum(p.numel() for p in model.parameters()),
-        model_args={k: v for k, v in summary['arch'].items()},
+        model_args=dict(summary['arch']),
         provenance=dict(recipe='eval/lra/train_lra.py', data=TASK_DATA[summary['task']], commit=_commit(),
                         run=run, checkpoint='best.pt', step=summary['best_step'], steps=summary['steps'],
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')),

@@ -11,7 +11,6 @@ folder gives the trained model's logits bit for bit) is checked before the manif
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -25,6 +24,7 @@ import models  # noqa: E402
 import study  # noqa: E402
 
 from timm_ldn import hub  # noqa: E402
+from timm_ldn.commands.export import _git_commit  # noqa: E402
 from timm_ldn.sequence import LdnSequenceClassifier  # noqa: E402
 
 TASK_DATA = {
@@ -33,14 +33,6 @@ TASK_DATA = {
     'sfmnist': 'sequential Fashion-MNIST (784 pixel steps; eval/lra/tasks.py)',
     'psfmnist': 'permuted sequential Fashion-MNIST (784 pixel steps, one fixed permutation; eval/lra/tasks.py)',
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
 
 
 def _best_weights(run: str) -> Path:
@@ -81,7 +73,7 @@ def publish(run: str, name: str, weights_dir: Optional[Path] = None) -> Dict[str
         sha256=hub.sha256_file(weights), size=weights.stat().st_size, layout_version=1,
         local_file=f'{name}/model.safetensors', num_params=sum(p.numel() for p in model.parameters()),
         model_args=dict(summary['arch']),
-        provenance=dict(recipe='eval/lra/train_lra.py', data=TASK_DATA[summary['task']], commit=_commit(),
+        provenance=dict(recipe='eval/lra/train_lra.py', data=TASK_DATA[summary['task']], commit=_git_commit(str(ROOT)),
                         run=run, checkpoint='best.pt', step=summary['best_step'], steps=summary['steps'],
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')),
         eval=dict(test_acc=round(summary['test_acc'], 2), val_acc=round(summary['val_acc'], 2),

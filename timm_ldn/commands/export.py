@@ -90,10 +90,10 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def _git_commit() -> str:
+def _git_commit(cwd: Optional[str] = None) -> str:
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
+                              timeout=10, cwd=cwd).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
 

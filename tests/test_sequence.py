@@ -309,3 +309,27 @@ def test_publish_writes_a_pinned_entry_that_load_published_reproduces(tmp_path, 
         publish.publish('listops_ldn_no_k_s0', 'ldn_seq_ablation', weights)
     with pytest.raises(FileNotFoundError, match='finished runs'):
         publish.publish('listops_ldn_s9', 'ldn_seq_missing', weights)
+
+
+def test_every_benchmark_row_ignores_padding_and_the_compared_rows_match_in_size():
+    """eval/lra/models.py: each row is a fair comparison only if padding carries nothing through it (positions,
+    attention, the conv, the pool) and the rows the targets compare stay within 10 % of LDN's parameters."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
+    import models
+    torch.manual_seed(0)
+    sizes = {}
+    x = torch.randint(0, 12, (1, 15))
+    mask = torch.zeros(2, 23, dtype=torch.bool)
+    mask[0, 15:] = True
+    batch = torch.cat([torch.cat([x, torch.full((1, 8), 3)], 1), torch.randint(0, 12, (1, 23))])
+    for row in models.ROWS:
+        m = models.build(row, num_classes=10, vocab_size=12, embed_dim=32, depth=2, num_heads=4).eval()
+        sizes[row] = sum(p.numel() for p in m.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(m(batch, mask)[:1], m(x), rtol=1e-5, atol=1e-5, msg=row)
+    for row in ('transformer', 'linear_transformer'):
+        assert abs(sizes[row] / sizes['ldn'] - 1) <= 0.10, (row, sizes)
+    with pytest.raises(ValueError, match='unknown row'):
+        models.build('ldn_typo', num_classes=10, vocab_size=12)

@@ -8,6 +8,12 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
   (Katharopoulos et al. 2020): the known-fail control on ListOps (LRA: 16.1 %).
 * ``ldn_no_adiff`` / ``ldn_no_k``: LDN with the A_diff branch / the K step removed (the block's modules replaced).
 * ``ldn_k_local``: LDN with K's offsets cut to 1, 2, 4, 8 (the offset screen: how far K itself should reach).
+* ``ldn_sinpos``: LDN with the Transformer's sinusoidal positions added after the embedding's LayerNorm, where
+  tokens and positions have the same scale (does LDN lack a position signal that K alone does not give?).
+* ``ldn_sinpos_raw``: the same positions added *before* that LayerNorm, to the std-0.02 token embeddings: positions
+  are then ~50x the token signal (kept because the screen ran it: it does not learn).
+* ``ldn_k_weak``: LDN with K's first step 1/10 as strong (τ init −4 instead of −1: δt·Σa = 1.8 % instead of 27 %
+  of each token replaced by its neighbours at init), to test whether K's blur at init is what holds it back.
 """
 import math
 from typing import Callable, Dict, Optional
@@ -125,6 +131,39 @@ def ldn_without(term: str, **kwargs) -> LdnSequenceClassifier:
     return model
 
 
+class AddPositions(nn.Module):
+    """Runs ``layer`` and adds fixed sinusoidal positions ``(L, C)`` to its output ``(B, L, C)``."""
+
+    def __init__(self, layer: nn.Module, dim: int, max_len: int):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer('pos', sinusoidal_positions(max_len, dim), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)
+        return h + self.pos[:h.shape[1]]
+
+
+def ldn_with_positions(after_norm: bool = True, **kwargs) -> LdnSequenceClassifier:
+    """LDN with sinusoidal positions after the embedding's LayerNorm (or before it: ``after_norm=False``). The
+    encoder masks padded positions to zero after this, so padding still carries nothing."""
+    model = LdnSequenceClassifier(**kwargs)
+    enc, max_len = model.encoder, kwargs.get('max_len', 2048)
+    if after_norm:
+        enc.norm_embed = AddPositions(enc.norm_embed, enc.embed_dim, max_len)
+    else:
+        enc.embed = AddPositions(enc.embed, enc.embed_dim, max_len)
+    return model
+
+
+def ldn_tau_init(tau: float, **kwargs) -> LdnSequenceClassifier:
+    model = LdnSequenceClassifier(**kwargs)
+    with torch.no_grad():
+        for blk in model.encoder.blocks:
+            blk.diffusion.tau.fill_(tau)
+    return model
+
+
 ROWS: Dict[str, Callable[..., nn.Module]] = {
     'ldn': lambda **kw: LdnSequenceClassifier(**kw),
     'transformer': lambda **kw: TransformerClassifier(**kw),
@@ -134,6 +173,9 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     # K's reach, chosen by measurement (short screens): only local offsets, so K's path diameter (65 hops at
     # L = 512; 6 with the default 1, 2, ..., 256) is far beyond the depth and long-range paths run through A_diff
     'ldn_k_local': lambda **kw: LdnSequenceClassifier(diffusion_offsets=(1, 2, 4, 8), **kw),
+    'ldn_sinpos': lambda **kw: ldn_with_positions(**kw),
+    'ldn_sinpos_raw': lambda **kw: ldn_with_positions(after_norm=False, **kw),
+    'ldn_k_weak': lambda **kw: ldn_tau_init(-4., **kw),
 }
 
 

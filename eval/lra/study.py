@@ -4,6 +4,12 @@
     python eval/lra/study.py run --task listops --rows ldn transformer --seeds 0 1 --steps 6000 --snapshot
     python eval/lra/study.py run --task listops --rows linear_transformer ldn_no_adiff ldn_no_k --seeds 0
     python eval/lra/study.py report        # -> eval/results/lra/lra.{csv,json,md}, lra_curves.png
+    python eval/lra/study.py screen --task listops --rows ldn ldn_sinpos ldn_k_local ldn_k_weak --steps 1000
+    python eval/lra/study.py screen --task listops --rows ldn --steps 1000 --lr 3e-3
+    python eval/lra/study.py screen-report  # -> eval/results/lra/screen.md
+
+``screen`` runs short single-seed variants (its own cosine schedule over ``--steps``) for choosing what to run in
+full; its runs are named ``screen<steps>-<task>-<row>[-lr<lr>]`` and stay out of the main table.
 
 ``run`` skips finished runs and resumes unfinished ones from ``eval/runs/lra/<run>/last.pt``; ``--jobs`` runs that
 many at once, one thread each. ``--snapshot`` copies each unfinished run's last checkpoint and log to
@@ -40,19 +46,30 @@ def name(task: str, row: str, seed: int) -> str:
     return f'{task}_{row}_s{seed}'
 
 
-def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, snapshot: bool, extra: List[str]) -> int:
-    todo = [(r, s) for s in seeds for r in rows if not (RESULTS / f'{name(task, r, s)}.json').is_file()]
+def screen_name(task: str, row: str, steps: int, lr: float) -> str:
+    return f'screen{steps}-{task}-{row}' + (f'-lr{lr:g}' if lr != 1e-3 else '')
+
+
+def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, snapshot: bool, extra: List[str],
+        screen_lr: float = 0.) -> int:
+    """The runs (``screen_lr`` > 0: screening runs at that learning rate, seed 0 only)."""
+    if screen_lr:
+        name_of = lambda r, s: screen_name(task, r, steps, screen_lr)  # noqa: E731
+        extra = extra + ['--lr', str(screen_lr)]
+    else:
+        name_of = lambda r, s: name(task, r, s)  # noqa: E731
+    todo = [(r, s) for s in seeds for r in rows if not (RESULTS / f'{name_of(r, s)}.json').is_file()]
     print(f'{task}: {len(todo)} runs to do', flush=True)
     running: List[Tuple[subprocess.Popen, str]] = []
     failures = 0
     while todo or running:
         while todo and len(running) < jobs:
             row, seed = todo.pop(0)
-            exp = name(task, row, seed)
+            exp = name_of(row, seed)
             (RUNS / exp).mkdir(parents=True, exist_ok=True)
             log = open(RUNS / exp / 'stdout.log', 'a')
             cmd = [sys.executable, str(HERE / 'train_lra.py'), '--task', task, '--row', row, '--seed', str(seed),
-                   '--steps', str(steps), '--threads', '1', '--resume'] + extra
+                   '--steps', str(steps), '--threads', '1', '--resume', '--experiment', exp] + extra
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), exp))
             print(f'started {exp}', flush=True)
         time.sleep(10)
@@ -67,10 +84,10 @@ def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, sna
     return 1 if failures else 0
 
 
-def save_snapshots(experiments: List[str]) -> None:
+def save_snapshots(experiments: List[str], files: Tuple[str, ...] = SNAPSHOT_FILES) -> None:
     for exp in experiments:
         src = RUNS / exp
-        for f in SNAPSHOT_FILES:
+        for f in files:
             if (src / f).is_file():
                 dst = SNAPSHOTS / exp / f
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +114,8 @@ def _log(run: Dict) -> List[Dict[str, float]]:
 
 
 def report() -> List[Dict]:
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob('*_s[0-9]*.json'))]
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob('*_s[0-9]*.json'))
+               if not p.name.startswith('screen')]
     table = []
     for task in tasks.TASKS:
         runs = [r for r in results if r['task'] == task]
@@ -166,6 +184,31 @@ def report() -> List[Dict]:
     return table
 
 
+def screen_report() -> List[Dict]:
+    """``screen.md``: every screening run, with the final training loss (underfitting shows there first)."""
+    rows = []
+    for p in sorted(RESULTS.glob('screen[0-9]*.json')):
+        r = json.loads(p.read_text())
+        save_snapshots([p.stem], files=('log.csv',))  # the log only: the report must rebuild on a fresh clone
+        log = _log(r)
+        rows.append(dict(run=p.stem, task=r['task'], row=r['row'], lr=r['lr'], steps=r['steps'], params=r['params'],
+                         train_loss=log[-1]['train_loss'], train_acc=log[-1]['train_acc'], val_acc=r['val_acc'],
+                         test_acc=r['test_acc'], train_seq_s=r['train_seq_s']))
+    lines = ['# Screening runs (seed 0, short schedules; `python eval/lra/study.py screen-report`)', '',
+             'Each run has its own warm-up + cosine schedule over its step budget, batch 32, one thread. Selection '
+             'reads validation; test is shown for the record.', '',
+             '| run | row | lr | steps | final train loss | final train acc | best val acc | test acc | train seq/s |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for t in rows:
+        lines.append(f"| {t['run']} | {t['row']} | {t['lr']:g} | {t['steps']} | {t['train_loss']:.3f} | "
+                     f"{t['train_acc']:.1f} | **{t['val_acc']:.2f}** | {t['test_acc']:.2f} | {t['train_seq_s']:.0f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'screen.json').write_text(json.dumps(rows, indent=1))
+    (RESULTS / 'screen.md').write_text('\n'.join(lines) + '\n')
+    print((RESULTS / 'screen.md').read_text())
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -177,12 +220,24 @@ def main(argv=None) -> int:
     r.add_argument('--jobs', type=int, default=2)
     r.add_argument('--snapshot', action='store_true')
     r.add_argument('--train-subset', type=int, default=0)
+    sc = sub.add_parser('screen')
+    sc.add_argument('--task', choices=tasks.TASKS, required=True)
+    sc.add_argument('--rows', nargs='+', choices=list(models.ROWS), required=True)
+    sc.add_argument('--steps', type=int, default=1000)
+    sc.add_argument('--lr', type=float, default=1e-3)
+    sc.add_argument('--jobs', type=int, default=1)
     sub.add_parser('report')
+    sub.add_parser('screen-report')
     sub.add_parser('restore')
     args = p.parse_args(argv)
     if args.cmd == 'run':
         extra = ['--train-subset', str(args.train_subset)] if args.train_subset else []
         return run(args.task, args.rows, args.seeds, args.steps, args.jobs, args.snapshot, extra)
+    if args.cmd == 'screen':
+        return run(args.task, args.rows, [0], args.steps, args.jobs, False, [], screen_lr=args.lr)
+    if args.cmd == 'screen-report':
+        screen_report()
+        return 0
     if args.cmd == 'restore':
         restore()
         return 0

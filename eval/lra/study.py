@@ -79,6 +79,9 @@ def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, sna
                 ok = proc.returncode == 0 and (RESULTS / f'{exp}.json').is_file()
                 failures += not ok
                 print(f'{"finished" if ok else "FAILED"} {exp}', flush=True)
+                if ok and snapshot:  # a finished run keeps its best weights and log; it never resumes
+                    save_snapshots([exp], files=('best.pt', 'log.csv'))
+                    (SNAPSHOTS / exp / 'last.pt').unlink(missing_ok=True)
         if snapshot:
             save_snapshots([exp for _, exp in running])
     return 1 if failures else 0

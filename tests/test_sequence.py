@@ -333,3 +333,13 @@ def test_every_benchmark_row_ignores_padding_and_the_compared_rows_match_in_size
         assert abs(sizes[row] / sizes['ldn'] - 1) <= 0.10, (row, sizes)
     with pytest.raises(ValueError, match='unknown row'):
         models.build('ldn_typo', num_classes=10, vocab_size=12)
+
+
+def test_feature_model_sees_the_magnitude_of_its_inputs_not_only_their_sign():
+    """One pixel per step: two images that differ only in brightness must not get the same logits (a LayerNorm
+    right after the 1-feature embedding made the model scale-invariant and left it the pixels' signs only)."""
+    torch.manual_seed(0)
+    m = LdnSequenceClassifier(num_classes=10, in_features=1, embed_dim=32, depth=2, num_heads=4, max_len=64).eval()
+    x = torch.rand(1, 40, 1) + 0.1
+    with torch.no_grad():
+        assert (m(x) - m(3 * x)).abs().max() > 1e-3

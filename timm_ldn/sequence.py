@@ -236,7 +236,10 @@ class LdnSequenceEncoder(nn.Module):
         self.offsets = tuple(int(d) for d in (diffusion_offsets or default_offsets(max_len)))
         self.embed = nn.Embedding(vocab_size, embed_dim) if vocab_size is not None else nn.Linear(in_features,
                                                                                                   embed_dim)
-        self.norm_embed = nn.LayerNorm(embed_dim, eps=1e-6)
+        # Token embeddings are normalised; continuous ones are not: LayerNorm after a linear map is invariant to the
+        # input's scale (LN(W·αx) = LN(W·x) for α > 0 at zero bias), so a one-pixel-per-step embedding would keep
+        # only each pixel's sign
+        self.norm_embed = nn.LayerNorm(embed_dim, eps=1e-6) if vocab_size is not None else nn.Identity()
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             LdnSequenceBlock(embed_dim, num_heads, self.offsets, mlp_ratio, mlp_conv, dpr[i], proj_drop_rate,

@@ -5,7 +5,6 @@
     python eval/lra/study.py run --task listops --rows linear_transformer ldn_no_adiff ldn_no_k --seeds 0
     python eval/lra/study.py report        # -> eval/results/lra/lra.{csv,json,md}, lra_curves.png
     python eval/lra/study.py screen --task listops --rows ldn ldn_sinpos ldn_k_local ldn_k_weak --steps 1000
-    python eval/lra/study.py screen --task listops --rows ldn --steps 1000 --lr 3e-3
     python eval/lra/study.py screen-report  # -> eval/results/lra/screen.md
 
 ``screen`` runs short single-seed variants (its own cosine schedule over ``--steps``) for choosing what to run in

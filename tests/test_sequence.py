@@ -343,3 +343,49 @@ def test_feature_model_sees_the_magnitude_of_its_inputs_not_only_their_sign():
     x = torch.rand(1, 40, 1) + 0.1
     with torch.no_grad():
         assert (m(x) - m(3 * x)).abs().max() > 1e-3
+
+
+def test_positions_are_each_real_tokens_rank_so_no_padding_moves_them():
+    """pos_embed=True: a real token's position is its rank among its sequence's real tokens, so the output is the
+    same with padding before, inside or after the sequence; the table is no parameter and not saved."""
+    from timm_ldn.sequence import SinusoidalPositions, sinusoidal_positions
+    plain, posed = _token_model(), _token_model(pos_embed=True)
+    assert plain.state_dict().keys() == posed.state_dict().keys()
+    posed.load_state_dict(plain.state_dict())  # the same weights: only the positions differ
+    x = torch.randint(1, 12, (1, 20))
+    with torch.no_grad():
+        assert (posed(x) - plain(x)).abs().max() > 1e-3
+        alone = posed(x)
+        for where in ('after', 'before'):
+            pad = torch.full((1, 9), 7)
+            padded = torch.cat([x, pad] if where == 'after' else [pad, x], 1)
+            mask = torch.zeros(1, 29, dtype=torch.bool)
+            mask[:, 20:] = where == 'after'
+            mask[:, :9] = where == 'before'
+            torch.testing.assert_close(posed(padded, mask), alone, rtol=1e-5, atol=1e-6, msg=where)
+    layer = SinusoidalPositions(8, 16)
+    mask = torch.tensor([[True, False, True, False, False]])
+    out = layer(torch.zeros(1, 5, 8), mask)
+    table = sinusoidal_positions(16, 8)
+    torch.testing.assert_close(out[0, [1, 3, 4]], table[:3])  # ranks 0, 1, 2 among the real tokens
+    with pytest.raises(ValueError, match='max_len >= 17'):
+        layer(torch.zeros(1, 17, 8))
+
+
+def test_positions_survive_save_and_load(tmp_path):
+    """A feature model with positions keeps pos_embed in config.json and loads to the same outputs; an old
+    config.json without the key (the shipped ListOps model's) loads without positions."""
+    torch.manual_seed(0)
+    m = LdnSequenceClassifier(num_classes=4, in_features=1, embed_dim=16, depth=2, num_heads=2, max_len=64,
+                              pos_embed=True).eval()
+    m.save_pretrained(tmp_path / 'm')
+    cfg = json.loads((tmp_path / 'm' / 'config.json').read_text())
+    assert cfg['pos_embed'] is True
+    loaded = LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm')).eval()
+    assert loaded.encoder.pos_embed is not None
+    x = torch.rand(2, 40, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    del cfg['pos_embed']
+    (tmp_path / 'm' / 'config.json').write_text(json.dumps(cfg))
+    assert LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm')).encoder.pos_embed is None

@@ -9,29 +9,20 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
 * ``ldn_no_adiff`` / ``ldn_no_k``: LDN with the A_diff branch / the K step removed (the block's modules replaced).
 * ``ldn_k_local``: LDN with K's offsets cut to 1, 2, 4, 8 (the offset screen: how far K itself should reach).
 * ``ldn_sinpos``: LDN with the Transformer's sinusoidal positions added after the embedding's LayerNorm, where
-  tokens and positions have the same scale (does LDN lack a position signal that K alone does not give?).
+  tokens and positions have the same scale (does LDN lack a position signal that K alone does not give?). Since
+  the package's ``LdnSequenceClassifier(pos_embed=True)``; the same math as the wrapper its first runs used.
 * ``ldn_sinpos_raw``: the same positions added *before* that LayerNorm, to the std-0.02 token embeddings: positions
   are then ~50x the token signal (kept because the screen ran it: it does not learn).
 * ``ldn_k_weak``: LDN with K's first step 1/10 as strong (τ init −4 instead of −1: δt·Σa = 1.8 % instead of 27 %
   of each token replaced by its neighbours at init), to test whether K's blur at init is what holds it back.
 """
-import math
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from timm_ldn.diffusion import positive_feature_map
-from timm_ldn.sequence import LdnSequenceClassifier, check_sequence_batch
-
-
-def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.) / dim))
-    pe = torch.zeros(length, dim)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq[:dim // 2])
-    return pe
+from timm_ldn.sequence import LdnSequenceClassifier, check_sequence_batch, sinusoidal_positions
 
 
 class LinearAttention(nn.Module):
@@ -144,15 +135,12 @@ class AddPositions(nn.Module):
         return h + self.pos[:h.shape[1]]
 
 
-def ldn_with_positions(after_norm: bool = True, **kwargs) -> LdnSequenceClassifier:
-    """LDN with sinusoidal positions after the embedding's LayerNorm (or before it: ``after_norm=False``). The
-    encoder masks padded positions to zero after this, so padding still carries nothing."""
+def ldn_positions_before_norm(**kwargs) -> LdnSequenceClassifier:
+    """LDN with sinusoidal positions added to the raw embedding, before its LayerNorm. The encoder masks padded
+    positions to zero after this, so padding still carries nothing."""
     model = LdnSequenceClassifier(**kwargs)
-    enc, max_len = model.encoder, kwargs.get('max_len', 2048)
-    if after_norm:
-        enc.norm_embed = AddPositions(enc.norm_embed, enc.embed_dim, max_len)
-    else:
-        enc.embed = AddPositions(enc.embed, enc.embed_dim, max_len)
+    enc = model.encoder
+    enc.embed = AddPositions(enc.embed, enc.embed_dim, kwargs.get('max_len', 2048))
     return model
 
 
@@ -173,8 +161,8 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     # K's reach, chosen by measurement (short screens): only local offsets, so K's path diameter (65 hops at
     # L = 512; 6 with the default 1, 2, ..., 256) is far beyond the depth and long-range paths run through A_diff
     'ldn_k_local': lambda **kw: LdnSequenceClassifier(diffusion_offsets=(1, 2, 4, 8), **kw),
-    'ldn_sinpos': lambda **kw: ldn_with_positions(**kw),
-    'ldn_sinpos_raw': lambda **kw: ldn_with_positions(after_norm=False, **kw),
+    'ldn_sinpos': lambda **kw: LdnSequenceClassifier(pos_embed=True, **kw),
+    'ldn_sinpos_raw': lambda **kw: ldn_positions_before_norm(**kw),
     'ldn_k_weak': lambda **kw: ldn_tau_init(-4., **kw),
 }
 

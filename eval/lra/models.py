@@ -13,6 +13,9 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
   the package's ``LdnSequenceClassifier(pos_embed=True)``; the same math as the wrapper its first runs used.
 * ``ldn_sinpos_raw``: the same positions added *before* that LayerNorm, to the std-0.02 token embeddings: positions
   are then ~50x the token signal (kept because the screen ran it: it does not learn).
+* ``ldn_softmax_adiff`` / ``ldn_softmax_adiff_sinpos``: LDN whose A_diff uses the softmax kernel,
+  ``(softmax(QKᵀ/√d) − I)·V`` (rows still sum to zero; quadratic, so a diagnostic, not a shipped option), without
+  and with positions: is a more selective kernel what LDN's ListOps gap needs?
 * ``ldn_k_weak``: LDN with K's first step 1/10 as strong (τ init −4 instead of −1: δt·Σa = 1.8 % instead of 27 %
   of each token replaced by its neighbours at init), to test whether K's blur at init is what holds it back.
 """
@@ -20,6 +23,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from timm_ldn.ldn import DiffusionAttention
 
 from timm_ldn.diffusion import positive_feature_map
 from timm_ldn.sequence import LdnSequenceClassifier, check_sequence_batch, sinusoidal_positions
@@ -144,6 +150,27 @@ def ldn_positions_before_norm(**kwargs) -> LdnSequenceClassifier:
     return model
 
 
+class SoftmaxDiffusionAttention(DiffusionAttention):
+    """``W_o·(softmax(QKᵀ/√d) − I)·V``: A_diff with the softmax kernel ``w_ij = exp(q_i·k_j/√d)`` in place of
+    ``φ(q_i)·φ(k_j)``; padded tokens are no keys. Same parameters as :class:`DiffusionAttention`."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) - v
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, C)))
+
+
+def ldn_softmax_adiff(pos_embed: bool = False, **kwargs) -> LdnSequenceClassifier:
+    model = LdnSequenceClassifier(pos_embed=pos_embed, **kwargs)
+    for blk in model.encoder.blocks:  # a fresh layer per block, initialised as the classifier initialises Linears
+        attn = SoftmaxDiffusionAttention(model.encoder.embed_dim, num_heads=blk.attn.num_heads)
+        attn.load_state_dict(blk.attn.state_dict())
+        blk.attn = attn
+    return model
+
+
 def ldn_tau_init(tau: float, **kwargs) -> LdnSequenceClassifier:
     model = LdnSequenceClassifier(**kwargs)
     with torch.no_grad():
@@ -164,6 +191,8 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     'ldn_sinpos': lambda **kw: LdnSequenceClassifier(pos_embed=True, **kw),
     'ldn_sinpos_raw': lambda **kw: ldn_positions_before_norm(**kw),
     'ldn_k_weak': lambda **kw: ldn_tau_init(-4., **kw),
+    'ldn_softmax_adiff': lambda **kw: ldn_softmax_adiff(**kw),
+    'ldn_softmax_adiff_sinpos': lambda **kw: ldn_softmax_adiff(pos_embed=True, **kw),
 }
 
 

@@ -16,6 +16,10 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
 * ``ldn_softmax_adiff`` / ``ldn_softmax_adiff_sinpos``: LDN whose A_diff uses the softmax kernel,
   ``(softmax(QKᵀ/√d) − I)·V`` (rows still sum to zero; quadratic, so a diagnostic, not a shipped option), without
   and with positions: is a more selective kernel what LDN's ListOps gap needs?
+* ``ldn_softmax_sinpos_no_conv`` / ``ldn_softmax_sinpos_no_k_no_conv``: the latter without F's conv1d, then also
+  without K, walking LDN towards the ``transformer`` row one term at a time to find which part holds it back;
+  ``ldn_softmax_sinpos_torch_init``: ``ldn_softmax_adiff_sinpos`` with PyTorch's default Linear init (the
+  Transformer row's) in place of trunc-normal 0.02.
 * ``ldn_k_weak``: LDN with K's first step 1/10 as strong (τ init −4 instead of −1: δt·Σa = 1.8 % instead of 27 %
   of each token replaced by its neighbours at init), to test whether K's blur at init is what holds it back.
 """
@@ -162,12 +166,22 @@ class SoftmaxDiffusionAttention(DiffusionAttention):
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, C)))
 
 
-def ldn_softmax_adiff(pos_embed: bool = False, **kwargs) -> LdnSequenceClassifier:
-    model = LdnSequenceClassifier(pos_embed=pos_embed, **kwargs)
+def ldn_softmax_adiff(pos_embed: bool = False, mlp_conv: bool = True, k: bool = True, torch_init: bool = False,
+                      **kwargs) -> LdnSequenceClassifier:
+    """LDN with the softmax-kernel A_diff; ``mlp_conv=False`` drops F's conv1d, ``k=False`` the K step (what is left
+    of LDN then differs from the ``transformer`` row only by A_diff's −V, LayerScale, the embedding norm and init);
+    ``torch_init=True`` initialises every Linear as PyTorch does, as in the ``transformer`` row."""
+    model = LdnSequenceClassifier(pos_embed=pos_embed, mlp_conv=mlp_conv, **kwargs)
     for blk in model.encoder.blocks:  # a fresh layer per block, initialised as the classifier initialises Linears
         attn = SoftmaxDiffusionAttention(model.encoder.embed_dim, num_heads=blk.attn.num_heads)
         attn.load_state_dict(blk.attn.state_dict())
         blk.attn = attn
+        if not k:
+            blk.diffusion = _NoDiffusion()
+    if torch_init:  # every Linear as PyTorch initialises it (the transformer row's init), not trunc-normal 0.02
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
     return model
 
 
@@ -193,6 +207,9 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     'ldn_k_weak': lambda **kw: ldn_tau_init(-4., **kw),
     'ldn_softmax_adiff': lambda **kw: ldn_softmax_adiff(**kw),
     'ldn_softmax_adiff_sinpos': lambda **kw: ldn_softmax_adiff(pos_embed=True, **kw),
+    'ldn_softmax_sinpos_no_conv': lambda **kw: ldn_softmax_adiff(pos_embed=True, mlp_conv=False, **kw),
+    'ldn_softmax_sinpos_no_k_no_conv': lambda **kw: ldn_softmax_adiff(pos_embed=True, mlp_conv=False, k=False, **kw),
+    'ldn_softmax_sinpos_torch_init': lambda **kw: ldn_softmax_adiff(pos_embed=True, torch_init=True, **kw),
 }
 
 

@@ -19,7 +19,7 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
 * ``ldn_softmax_sinpos_no_conv`` / ``ldn_softmax_sinpos_no_k_no_conv``: the latter without F's conv1d, then also
   without K, walking LDN towards the ``transformer`` row one term at a time to find which part holds it back;
   ``ldn_softmax_sinpos_torch_init``: ``ldn_softmax_adiff_sinpos`` with PyTorch's default Linear init (the
-  Transformer row's) in place of trunc-normal 0.02.
+  Transformer row's) in place of trunc-normal 0.02; ``ldn_torch_init``: the shipped LDN with that init.
 * ``ldn_k_weak``: LDN with K's first step 1/10 as strong (τ init −4 instead of −1: δt·Σa = 1.8 % instead of 27 %
   of each token replaced by its neighbours at init), to test whether K's blur at init is what holds it back.
 """
@@ -178,10 +178,15 @@ def ldn_softmax_adiff(pos_embed: bool = False, mlp_conv: bool = True, k: bool = 
         blk.attn = attn
         if not k:
             blk.diffusion = _NoDiffusion()
-    if torch_init:  # every Linear as PyTorch initialises it (the transformer row's init), not trunc-normal 0.02
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
+    return with_torch_init(model) if torch_init else model
+
+
+def with_torch_init(model: nn.Module) -> nn.Module:
+    """Every Linear re-initialised as PyTorch initialises it (the ``transformer`` row's init: uniform with std
+    ~0.07 at width 64), in place of the classifier's trunc-normal 0.02."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
     return model
 
 
@@ -210,6 +215,7 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     'ldn_softmax_sinpos_no_conv': lambda **kw: ldn_softmax_adiff(pos_embed=True, mlp_conv=False, **kw),
     'ldn_softmax_sinpos_no_k_no_conv': lambda **kw: ldn_softmax_adiff(pos_embed=True, mlp_conv=False, k=False, **kw),
     'ldn_softmax_sinpos_torch_init': lambda **kw: ldn_softmax_adiff(pos_embed=True, torch_init=True, **kw),
+    'ldn_torch_init': lambda **kw: with_torch_init(LdnSequenceClassifier(**kw)),
 }
 
 

@@ -19,7 +19,8 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
 * ``ldn_softmax_sinpos_no_conv`` / ``ldn_softmax_sinpos_no_k_no_conv``: the latter without F's conv1d, then also
   without K, walking LDN towards the ``transformer`` row one term at a time to find which part holds it back;
   ``ldn_softmax_sinpos_torch_init``: ``ldn_softmax_adiff_sinpos`` with PyTorch's default Linear init (the
-  Transformer row's) in place of trunc-normal 0.02; ``ldn_torch_init``: the shipped LDN with that init.
+  Transformer row's) in place of trunc-normal 0.02; ``ldn_torch_init`` / ``ldn_sinpos_torch_init``: the shipped LDN
+  (linear A_diff) with that init, without / with positions.
 * ``ldn_k_weak``: LDN with K's first step 1/10 as strong (τ init −4 instead of −1: δt·Σa = 1.8 % instead of 27 %
   of each token replaced by its neighbours at init), to test whether K's blur at init is what holds it back.
 """
@@ -216,6 +217,7 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     'ldn_softmax_sinpos_no_k_no_conv': lambda **kw: ldn_softmax_adiff(pos_embed=True, mlp_conv=False, k=False, **kw),
     'ldn_softmax_sinpos_torch_init': lambda **kw: ldn_softmax_adiff(pos_embed=True, torch_init=True, **kw),
     'ldn_torch_init': lambda **kw: with_torch_init(LdnSequenceClassifier(**kw)),
+    'ldn_sinpos_torch_init': lambda **kw: with_torch_init(LdnSequenceClassifier(pos_embed=True, **kw)),
 }
 
 

@@ -16,8 +16,8 @@ two LDN ablations. Same width, depth, heads and MLP ratio; the same embedding, m
 * ``ldn_softmax_adiff`` / ``ldn_softmax_adiff_sinpos``: LDN whose A_diff uses the softmax kernel,
   ``(softmax(QKᵀ/√d) − I)·V`` (rows still sum to zero; quadratic, so a diagnostic, not a shipped option), without
   and with positions: is a more selective kernel what LDN's ListOps gap needs?
-* ``ldn_softmax_sinpos_no_conv`` / ``ldn_softmax_sinpos_no_k_no_conv``: the latter without F's conv1d, then also
-  without K, walking LDN towards the ``transformer`` row one term at a time to find which part holds it back;
+* ``ldn_softmax_sinpos_no_k_no_conv``: ``ldn_softmax_adiff_sinpos`` without F's conv1d and without K, walking LDN
+  towards the ``transformer`` row to find which part holds it back;
   ``ldn_softmax_sinpos_torch_init``: ``ldn_softmax_adiff_sinpos`` with PyTorch's default Linear init (the
   Transformer row's) in place of trunc-normal 0.02; ``ldn_torch_init`` / ``ldn_sinpos_torch_init``: the shipped LDN
   (linear A_diff) with that init, without / with positions.
@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_ldn.ldn import DiffusionAttention
-
 from timm_ldn.diffusion import positive_feature_map
+from timm_ldn.ldn import DiffusionAttention
 from timm_ldn.sequence import LdnSequenceClassifier, check_sequence_batch, sinusoidal_positions
 
 
@@ -213,7 +212,6 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     'ldn_k_weak': lambda **kw: ldn_tau_init(-4., **kw),
     'ldn_softmax_adiff': lambda **kw: ldn_softmax_adiff(**kw),
     'ldn_softmax_adiff_sinpos': lambda **kw: ldn_softmax_adiff(pos_embed=True, **kw),
-    'ldn_softmax_sinpos_no_conv': lambda **kw: ldn_softmax_adiff(pos_embed=True, mlp_conv=False, **kw),
     'ldn_softmax_sinpos_no_k_no_conv': lambda **kw: ldn_softmax_adiff(pos_embed=True, mlp_conv=False, k=False, **kw),
     'ldn_softmax_sinpos_torch_init': lambda **kw: ldn_softmax_adiff(pos_embed=True, torch_init=True, **kw),
     'ldn_torch_init': lambda **kw: with_torch_init(LdnSequenceClassifier(**kw)),

@@ -92,8 +92,7 @@ def sequence_loads(name: str, hf_home: Path) -> dict:
     from timm_ldn.sequence import load_published
     folder = verified_snapshot(name).resolve()
     model = load_published(name).eval()
-    enc = model.encoder
-    x = torch.randint(1, enc.vocab_size, (2, 32)) if enc.vocab_size else torch.randn(2, 32, enc.in_features)
+    x = torch.randint(1, model.vocab_size, (2, 32)) if model.vocab_size else torch.randn(2, 32, model.in_features)
     with torch.no_grad():
         finite = bool(torch.isfinite(model(x)).all())
     from_cache = folder.is_relative_to(hf_home)

@@ -13,19 +13,22 @@ import torch.nn.functional as F
 
 from timm.layers import LayerNorm2d
 
-from timm_ldn.diffusion import DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, linear_diffusion_attention
-from timm_ldn.ldn import DiffusionAttention, LdnBlock, PrimaryDiffusion, pad_to_patch_multiple
+from timm_ldn.diffusion import DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, feature_diffusion_attention
+from timm_ldn.ldn import DiffusionAttention, LdnBlock, PrimaryDiffusion, _check_no_padding, pad_to_patch_multiple
 
 __all__ = ['NoDiffusion', 'BranchDiffusion', 'InputTimeStepDiffusion', 'NoAttention', 'FeatureMapAttention',
            'SoftmaxDiffusionAttention', 'OverlapConvStem', 'FEATURE_MAPS', 'NoAttentionBlock',
            'FixedMethodDiffusion']
 
 
-class NoDiffusion(nn.Identity):
-    """Ablation: the primary diffusion K removed (the stream passes through)."""
+class NoDiffusion(nn.Module):
+    """Ablation: the primary diffusion K removed (the stream passes through); grids and sequences."""
 
     def __init__(self, dim: int, offsets: Sequence[int] = DEFAULT_OFFSETS, drop_path: float = 0., **kwargs):
         super().__init__()
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x
 
 
 class BranchDiffusion(PrimaryDiffusion):
@@ -38,7 +41,8 @@ class BranchDiffusion(PrimaryDiffusion):
         super().__init__(dim, offsets, drop_path=drop_path, device=device, dtype=dtype, **kwargs)
         self.norm = norm_layer(dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_no_padding(padding_mask)
         return x + self.drop_path(self.update(self.norm(x)))
 
 
@@ -56,7 +60,8 @@ class InputTimeStepDiffusion(PrimaryDiffusion):
         tau = self.tau + self.tau_proj(x.mean((1, 2)))
         return torch.stack([diffusion_coefficients(self.a_raw, t) for t in tau.unbind(0)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_no_padding(padding_mask)
         B, H, W, C = x.shape
         coef = self.per_sample_coefficients(x)  # (B, S, C) -> (S, B·C): samples become channel groups
         coef = coef.permute(1, 0, 2).reshape(coef.shape[1], B * C)
@@ -75,7 +80,8 @@ class FixedMethodDiffusion(PrimaryDiffusion):
         super().__init__(dim, offsets, drop_path=drop_path, **kwargs)
         self.method = method
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_no_padding(padding_mask)
         if self.training and self.has_drop_path:
             return x + self.drop_path(diffusion_step(x, self.coefficients(), self.basis, self.offsets, 0., self.method))
         return diffusion_step(x, self.coefficients(), self.basis, self.offsets, method=self.method)
@@ -87,7 +93,7 @@ class NoAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 1, **kwargs):
         super().__init__()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.zeros_like(x)
 
 
@@ -109,15 +115,18 @@ FEATURE_MAPS = {
 
 
 class _SplitHeadsAttention(DiffusionAttention):
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A_diff with another kernel: ``attend(q, k, v, padding_mask)`` on ``(B, heads, N, d)``; grids and sequences."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(shape[0], -1, shape[-1])
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = self.attend(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = self.attend(q, k, v, padding_mask).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x)).reshape(shape)
 
 
@@ -137,20 +146,20 @@ class FeatureMapAttention(_SplitHeadsAttention):
             return F.relu(x) + 1e-3
         return F.softplus(x)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            return linear_diffusion_attention(q, k, v, self.feature_map)
-        # linear_diffusion_attention's math (its phi is a Callable, which TorchScript cannot compile)
-        q = self.feature_map(q)
-        k = self.feature_map(k) * (1. / k.shape[-2])
-        return (q @ (k.transpose(-2, -1) @ v)) / (q @ k.sum(-2).unsqueeze(-1)) - v
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # φ applied here: TorchScript compiles no Callable argument
+        return feature_diffusion_attention(self.feature_map(q), self.feature_map(k), v, padding_mask)
 
 
 class SoftmaxDiffusionAttention(_SplitHeadsAttention):
-    """Exact kernel ``w_ij = exp(q_i·k_j/√d)``: softmax attention minus the identity (``O(N²)``, fused SDPA)."""
+    """Exact kernel ``w_ij = exp(q_i·k_j/√d)``: softmax attention minus the identity (``O(N²)``, fused SDPA; a
+    diagnostic, not a shipped option). Padded tokens are no keys; rows still sum to zero."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v) - v
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = None if padding_mask is None else (~padding_mask)[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) - v
 
 
 class OverlapConvStem(nn.Module):

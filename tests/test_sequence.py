@@ -11,7 +11,12 @@ from timm_ldn.diffusion import (
     PATH_NEIGHBOURS_PER_SCALE, diffusion_attention_reference, diffusion_coefficients, linear_diffusion_attention,
     packed_linear_diffusion_attention, path_diameter, path_diffusion_step, path_laplacian_reference,
 )
-from timm_ldn.sequence import LdnSequenceClassifier, PathDiffusion, default_offsets
+from timm.layers import Mlp
+
+from timm_ldn.sequence import (
+    DwConv1dMlp, ImplicitPathDiffusion, LdnSequenceClassifier, PathDiffusion, TaylorDiffusionAttention,
+    default_offsets,
+)
 
 OFFSETS = [1, 2, 4]
 DT = torch.float64
@@ -124,9 +129,11 @@ def _token_model(**kw):
     return m.eval()
 
 
-@pytest.mark.parametrize('mlp_conv', [True, False])
-def test_output_of_a_sequence_does_not_depend_on_the_padding_after_it(mlp_conv):
-    m = _token_model(mlp_conv=mlp_conv)
+@pytest.mark.parametrize('layers', [
+    dict(mlp_layer=DwConv1dMlp), dict(mlp_layer=Mlp), dict(diffusion_layer=ImplicitPathDiffusion),
+    dict(diffusion_layer=ImplicitPathDiffusion, attn_layer=TaylorDiffusionAttention)], ids=str)
+def test_output_of_a_sequence_does_not_depend_on_the_padding_after_it(layers):
+    m = _token_model(**layers)
     x = torch.randint(1, 12, (1, 20))
     with torch.no_grad():
         alone = m(x)
@@ -142,7 +149,7 @@ def test_output_of_a_sequence_does_not_depend_on_the_padding_after_it(mlp_conv):
 def test_feature_model_trains_and_default_offsets_reach_across():
     torch.manual_seed(0)
     m = LdnSequenceClassifier(num_classes=3, in_features=1, embed_dim=16, depth=2, num_heads=2, max_len=784)
-    assert m.encoder.offsets == default_offsets(784) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert m.offsets == default_offsets(784) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
     x = torch.randn(4, 784, 1)
     loss = torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 2, 0]))
     loss.backward()
@@ -382,10 +389,10 @@ def test_positions_survive_save_and_load(tmp_path):
     cfg = json.loads((tmp_path / 'm' / 'config.json').read_text())
     assert cfg['pos_embed'] is True
     loaded = LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm')).eval()
-    assert loaded.encoder.pos_embed is not None
+    assert loaded.pos_embed is not None
     x = torch.rand(2, 40, 1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
     del cfg['pos_embed']
     (tmp_path / 'm' / 'config.json').write_text(json.dumps(cfg))
-    assert LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm')).encoder.pos_embed is None
+    assert LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm')).pos_embed is None

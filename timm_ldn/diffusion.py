@@ -25,8 +25,10 @@ from timm.layers import register_notrace_function
 __all__ = [
     'DEFAULT_OFFSETS', 'MAX_STEP_FRACTION', 'stencil_basis', 'time_step', 'diffusion_coefficients', 'border_correction',
     'diffusion_step', 'laplacian_reference', 'grid_diameter', 'positive_feature_map', 'linear_diffusion_attention',
-    'packed_linear_diffusion_attention', 'diffusion_attention_reference', 'PATH_NEIGHBOURS_PER_SCALE',
-    'path_diffusion_step', 'path_laplacian_reference', 'path_diameter',
+    'packed_linear_diffusion_attention', 'feature_diffusion_attention', 'diffusion_attention_reference',
+    'NEIGHBOURS_PER_SCALE', 'PATH_NEIGHBOURS_PER_SCALE',
+    'path_diffusion_step', 'path_laplacian_reference', 'path_diameter', 'path_exponential_kernel',
+    'path_exponential_diffusion', 'path_exponential_diffusion_reference', 'taylor_feature_map',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
@@ -329,16 +331,26 @@ def linear_diffusion_attention(
         zero, so a constant ``V`` gives exactly ``0`` up to rounding.
     """
     phi = phi or positive_feature_map
-    q = phi(q)
+    return feature_diffusion_attention(phi(q), phi(k), v, key_padding_mask)
+
+
+def feature_diffusion_attention(
+        q_feat: torch.Tensor,
+        k_feat: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`linear_diffusion_attention` on features already mapped, ``q_feat = φ(Q)``, ``k_feat = φ(K)``
+    (``(B, heads, N, f)``, any feature size ``f``, every ``φ(q_i)·φ(k_j) > 0``), ``v`` ``(B, heads, N, d)``."""
     # 1/N keeps φ(K)ᵀV and Σφ(K) O(1) at any resolution (fp16 range); it cancels in the ratio
     if key_padding_mask is None:
-        k = phi(k) * (1. / k.shape[-2])
+        k_feat = k_feat * (1. / k_feat.shape[-2])
     else:
-        real = (~key_padding_mask).to(k.dtype)[:, None, :, None]  # (B, 1, N, 1)
-        k = phi(k) * real / real.sum(2, keepdim=True)
-    kv = k.transpose(-2, -1) @ v  # (B, heads, d, d): the only global summary, never N×N
-    normalizer = q @ k.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
-    return (q @ kv) / normalizer - v
+        real = (~key_padding_mask).to(k_feat.dtype)[:, None, :, None]  # (B, 1, N, 1)
+        k_feat = k_feat * real / real.sum(2, keepdim=True)
+    kv = k_feat.transpose(-2, -1) @ v  # (B, heads, f, d): the only global summary, never N×N
+    normalizer = q_feat @ k_feat.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
+    return (q_feat @ kv) / normalizer - v
 
 
 def _exporting() -> bool:
@@ -536,3 +548,88 @@ def path_diameter(length: int, offsets: Sequence[int]) -> int:
             frontier = nxt
         worst = max(worst, max(dist.values()))
     return worst
+
+
+# --- 1-D, solved implicitly: the resolvent of an advection-diffusion step on the path -------------------------------
+# (I − δt·K)⁻¹ for K = nearest-neighbour diffusion plus an upwind drift, on the infinite path, is a two-sided
+# geometric kernel: g(d) = exp(−d/ℓ_left) on the tokens d steps to the left, exp(−d/ℓ_right) on those to the right
+# (ℓ = −1/log r, and δt·a = r/(1 − r)² for the symmetric case: any δt > 0 is one finite ℓ, no stability bound).
+# On a finite sequence the kernel is restricted to the real tokens and each row renormalised (a masked, normalised
+# convolution): every row is a convex average of the sequence's real tokens, K·1 = 0 holds, padding is no node.
+
+
+def path_exponential_kernel(length: int, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor,
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(g_left, g_right)``, each ``(length, C)``: ``g(d) = exp(−d/ℓ)`` for ``d = 0 … length − 1`` per channel,
+    ``ℓ = exp(log_scale)``; row ``d`` weighs the token ``d`` steps to the left / right (``g(0) = 1``, the token)."""
+    d = torch.arange(length, device=log_scale_left.device, dtype=log_scale_left.dtype)[:, None]
+    return torch.exp(-d * torch.exp(-log_scale_left)), torch.exp(-d * torch.exp(-log_scale_right))
+
+
+def path_exponential_diffusion(
+        x: torch.Tensor,
+        log_scale_left: torch.Tensor,
+        log_scale_right: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``P·H``: every token replaced by the ``g``-weighted average of its sequence's real tokens, ``(B, L, C)``.
+
+    ``(P·H)_i = Σ_j g(i − j)·m_j·H_j / Σ_j g(i − j)·m_j`` with the two-sided kernel of
+    :func:`path_exponential_kernel` and ``m_j = 1`` on real tokens. Both sums are one linear convolution each, done by
+    FFT on ``n ≥ 2L − 1`` points (no wrap-around): ``O(L log L)`` per channel, never an ``L×L`` tensor. The kernel
+    depends only on ``i − j``, so appended padding changes nothing. Computed in at least float32 (FFT has no
+    half-precision CPU kernels; the result is a convex average, cast back to the input's dtype). Padded positions return their input.
+
+    Args:
+        x: ``(B, L, C)``.
+        log_scale_left, log_scale_right: ``(C,)`` log length scales of the left / right halves (equal: symmetric,
+            pure diffusion; unequal: a drift).
+        padding_mask: ``(B, L)`` bool, True where padded; None: every token is real.
+    """
+    B, L, C = x.shape
+    n = 1 << (2 * L - 1).bit_length() if L > 1 else 1
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    left, right = path_exponential_kernel(L, log_scale_left.to(compute), log_scale_right.to(compute))
+    # circular layout: index d holds the weight of j = i − d (left), index n − d that of j = i + d (right)
+    kernel = torch.cat([left, left.new_zeros(n - 2 * L + 1, C), right[1:].flip(0)], 0)
+    spectrum = torch.fft.rfft(kernel, n=n, dim=0)  # (n/2 + 1, C)
+    if padding_mask is None:
+        real = xf.new_ones(1, L, 1)
+    else:
+        real = (~padding_mask).to(xf.dtype).unsqueeze(-1)  # (B, L, 1)
+        xf = xf * real
+    num = torch.fft.irfft(torch.fft.rfft(xf, n=n, dim=1) * spectrum, n=n, dim=1)[:, :L]
+    den = torch.fft.irfft(torch.fft.rfft(real, n=n, dim=1) * spectrum, n=n, dim=1)[:, :L]
+    # a real token's own weight is 1, so den ≥ 1 up to rounding there; padded rows (den may be ~0) keep x
+    out = num / den.clamp_min(1e-6)
+    if padding_mask is not None:
+        out = torch.where(padding_mask.unsqueeze(-1), x.to(compute), out)
+    return out.to(x.dtype)
+
+
+def path_exponential_diffusion_reference(
+        log_scale_left: torch.Tensor,
+        log_scale_right: torch.Tensor,
+        real: torch.Tensor,
+) -> torch.Tensor:
+    """Dense ``P`` per channel, ``(C, L, L)``, for one sequence with real tokens ``real`` ``(L,)`` (tests only):
+    ``P_ij ∝ g(i − j)`` over real ``j``, rows of real tokens summing to one; padded rows are the identity."""
+    L = real.shape[0]
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    d = (i - j).to(log_scale_left.dtype)  # > 0: j left of i
+    scale = torch.where(d[None] >= 0, torch.exp(log_scale_left)[:, None, None], torch.exp(log_scale_right)[:, None, None])
+    g = torch.exp(-d.abs()[None] / scale) * real.to(d.dtype)[None, None, :]
+    P = g / g.sum(-1, keepdim=True)
+    eye = torch.eye(L, dtype=P.dtype)
+    return torch.where(real[None, :, None], P, eye[None])
+
+
+def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """``φ(x) = [1, x', x'⊗x'/√2]`` with ``x' = x / d^¼``, ``(…, d) -> (…, 1 + d + d²)``: then
+    ``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q·k/√d``, the second-order Taylor form of ``exp(s)`` (as in Based), which
+    is ``≥ 1/2`` for every ``s``: a positive kernel for A_diff, as selective as softmax where ``|s|`` is small."""
+    x = x * x.shape[-1] ** -0.25
+    outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) * (0.5 ** 0.5)
+    return torch.cat([torch.ones_like(x[..., :1]), x, outer], -1)

@@ -15,6 +15,7 @@ timm's ``vision_transformer.py``; the block study's alternatives are such layers
 Paper: 'Linear Diffusion Networks', Jacob Fein-Ashley. Where each property of the contract is tested:
 ``docs/contract.md``.
 """
+import inspect
 import warnings
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
@@ -33,25 +34,28 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from ._checkpoint import architecture_pre_hook, checkpoint_filter_fn
 from .diffusion import (
-    DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention, stencil_basis,
+    DEFAULT_OFFSETS, NEIGHBOURS_PER_SCALE, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention, stencil_basis,
 )
 from .hub import hub_id, resolve_pretrained_overlay
 
-__all__ = ['LinearDiffusionNet', 'LdnBlock', 'PrimaryDiffusion', 'DiffusionAttention', 'DwConvMlp', 'ConvTokenizer']
+__all__ = ['LinearDiffusionNet', 'LdnBlock', 'DiffusionParams', 'PrimaryDiffusion', 'DiffusionAttention', 'DwConvMlp',
+           'TokenDepthwiseConv2d', 'ConvTokenizer']
 
 # MLP ratio of the default local update F (parameter layout v2, chosen by the Fashion-MNIST block study): 3.875
 # instead of 4 pays for the 3×3 depthwise conv, so every variant stays within the params / MACs of its DeiT.
 MLP_RATIO = 3.875
 
 
-class PrimaryDiffusion(nn.Module):
-    """One primary diffusion step ``H + δt ⊙ K(H)`` on a channels-last token map ``(B, h, w, C)``.
+class DiffusionParams(nn.Module):
+    """The learned coefficients of a primary-diffusion step, shared by the grid (2-D) and path (1-D) layers.
 
-    ``K`` is the learned multi-scale no-flux grid Laplacian with ``a_s = softplus(a_raw_s) ≥ 0`` per scale and
-    channel; ``δt = 0.99·sigmoid(τ) / Σ_s |N_s|·a_s`` keeps every step strictly inside the explicit-Euler bound,
-    so the step is a convex average of neighbours for any parameter value. ``a_raw`` and ``tau`` are excluded
-    from weight decay. With stochastic depth (training) the update is a drop-path branch, ``H + drop(δt·K(H))``.
+    ``a_s = softplus(a_raw_s) ≥ 0`` per scale and channel and ``δt = 0.99·sigmoid(τ) / Σ_s |N_s|·a_s``: every step
+    stays strictly inside the explicit-Euler bound, a convex average of neighbours for any parameter value.
+    ``|N_s|`` is the subclass's ``graph_neighbours`` (4 on the grid, 2 on a path). ``a_raw`` and ``tau`` are
+    excluded from weight decay.
     """
+    graph_neighbours: int = NEIGHBOURS_PER_SCALE
+    neighbours_per_scale: torch.jit.Final[int]
     has_drop_path: torch.jit.Final[bool]
 
     def __init__(
@@ -66,7 +70,7 @@ class PrimaryDiffusion(nn.Module):
         """
         Args:
             dim: Channels C.
-            offsets: Grid offsets of the scales (distinct positive ints).
+            offsets: Offsets of the scales (distinct positive ints).
             drop_path: Stochastic depth rate of the update.
             tau_init: Initial ``τ``: ``sigmoid(-1)`` starts δt at 27 % of the bound (the block study's choice).
         """
@@ -75,35 +79,57 @@ class PrimaryDiffusion(nn.Module):
         if not offsets or min(offsets) < 1 or len(set(offsets)) != len(offsets):
             raise ValueError(f'diffusion offsets must be distinct positive ints, got {offsets}.')
         self.offsets: List[int] = offsets
+        self.neighbours_per_scale = self.graph_neighbours  # an instance constant: TorchScript sees no class attributes
         self.a_raw = nn.Parameter(torch.zeros(len(offsets), dim, device=device, dtype=dtype))
         self.tau = nn.Parameter(torch.full((dim,), float(tau_init), device=device, dtype=dtype))
-        self.register_buffer('basis', stencil_basis(offsets, device=device, dtype=dtype or torch.float32), persistent=False)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.has_drop_path = drop_path > 0.
 
-    def init_non_persistent_buffers(self) -> None:
-        self.basis.copy_(stencil_basis(self.offsets, device=self.basis.device, dtype=self.basis.dtype))
-
     def coefficients(self) -> torch.Tensor:
         """``δt·a_s`` per scale and channel, ``(S, C)``."""
-        return diffusion_coefficients(self.a_raw, self.tau)
+        return diffusion_coefficients(self.a_raw, self.tau, self.neighbours_per_scale)
+
+
+class PrimaryDiffusion(DiffusionParams):
+    """One primary diffusion step ``H + δt ⊙ K(H)`` on a channels-last token map ``(B, h, w, C)``.
+
+    ``K`` is the learned multi-scale no-flux grid Laplacian (:class:`DiffusionParams`). With stochastic depth
+    (training) the update is a drop-path branch, ``H + drop(δt·K(H))``. A grid has no padding: ``padding_mask``
+    exists for the shared block signature and must be None.
+    """
+
+    def __init__(self, dim: int, offsets: Sequence[int] = DEFAULT_OFFSETS, drop_path: float = 0.,
+                 tau_init: float = -1., device=None, dtype=None):
+        super().__init__(dim, offsets, drop_path=drop_path, tau_init=tau_init, device=device, dtype=dtype)
+        self.register_buffer('basis', stencil_basis(self.offsets, device=device, dtype=dtype or torch.float32),
+                             persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        self.basis.copy_(stencil_basis(self.offsets, device=self.basis.device, dtype=self.basis.dtype))
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """The update ``δt·K(x)`` alone."""
         return diffusion_step(x, self.coefficients(), self.basis, self.offsets, 0.)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_no_padding(padding_mask)
         if self.training and self.has_drop_path:
             return x + self.drop_path(self.update(x))
         # the identity rides in the stencil: the step in one pass, no separate residual add
         return diffusion_step(x, self.coefficients(), self.basis, self.offsets)
 
 
+def _check_no_padding(padding_mask: Optional[torch.Tensor]) -> None:
+    if padding_mask is not None:
+        raise ValueError('A token grid has no padding: padding_mask must be None for 2-D layers. Use the sequence '
+                         'layers (timm_ldn.sequence) for padded sequences.')
+
+
 class DiffusionAttention(nn.Module):
     """``W_o · A_diff(U)`` per head: global, content-dependent diffusion ``(D⁻¹W − I)·V``, linear in the tokens.
 
     ``w_ij = φ(q_i)·φ(k_j)`` with ``φ = elu + 1``; rows of ``D⁻¹W − I`` sum to zero. Takes tokens of any layout
-    ``(B, ..., C)`` (a channels-last map or a sequence) and returns the same shape; ``key_padding_mask`` ``(B, N)``
+    ``(B, ..., C)`` (a channels-last map or a sequence) and returns the same shape; ``padding_mask`` ``(B, N)``
     (True where padded) removes padded tokens from the keys.
     """
 
@@ -126,19 +152,34 @@ class DiffusionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         shape = x.shape
         x = self.qkv(x.reshape(shape[0], -1, shape[-1]))
-        x = packed_linear_diffusion_attention(x, self.num_heads, key_padding_mask)
+        x = packed_linear_diffusion_attention(x, self.num_heads, padding_mask)
         x = self.proj(x)
         return self.proj_drop(x).reshape(shape)
 
 
-class DwConvMlp(nn.Module):
-    """The local update F: ``fc2(act(dwconv(fc1(x))))`` on a channels-last map ``(B, h, w, C)``.
+class TokenDepthwiseConv2d(nn.Conv2d):
+    """Depthwise ``k×k`` conv (zero padding) on a channels-last token map ``(B, h, w, C)``; the weights of
+    ``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``. The NHWC -> NCHW view is channels_last in memory, so the conv
+    runs without a layout copy."""
 
-    The 3×3 depthwise conv on the hidden layer sees each token's grid neighbourhood (zero padding: F is a local
-    update, not one of the row-sum-zero operators), adding ``9·hidden`` weights and MACs per token.
+    def __init__(self, channels: int, kernel_size: int = 3, device=None, dtype=None):
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+                         device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
+
+
+class DwConvMlp(nn.Module):
+    """The local update F: ``fc2(act(dwconv(fc1(x))))`` on token-major input ``(B, ..., C)``.
+
+    The depthwise conv on the hidden layer sees each token's neighbourhood (zero padding: F is a local update, not
+    one of the row-sum-zero operators): ``conv_layer`` is :class:`TokenDepthwiseConv2d` (3×3, a grid, the default)
+    or ``timm_ldn.sequence.TokenDepthwiseConv1d`` (a sequence). On sequences, padded positions (``padding_mask``
+    True) are zeroed before the conv, so a real token next to padding sees the zero a sequence end gives it.
     """
 
     def __init__(
@@ -147,28 +188,37 @@ class DwConvMlp(nn.Module):
             hidden_features: int,
             act_layer: Type[nn.Module] = nn.GELU,
             drop: float = 0.,
+            conv_layer: Type[nn.Module] = TokenDepthwiseConv2d,
             device=None,
             dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, **dd)
-        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features, **dd)
+        self.dwconv = conv_layer(hidden_features, 3, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, **dd)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.fc1(x)
-        # NHWC -> NCHW view is channels_last in memory: the depthwise conv runs without a layout copy
-        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = self.drop1(self.act(x))
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.)
+        x = self.drop1(self.act(self.dwconv(x)))
         return self.drop2(self.fc2(x))
 
 
 class LdnBlock(nn.Module):
-    """One LDN layer on a channels-last token map ``(B, h, w, C)``: diffusion step, then two pre-norm branches."""
+    """One LDN layer, on a channels-last token map ``(B, h, w, C)`` or a sequence ``(B, L, C)``: the diffusion
+    step, then two pre-norm branches.
+
+    The terms are layer types (``diffusion_layer``, ``attn_layer``, ``mlp_layer``, ``norm_layer``), as in timm's
+    ``vision_transformer.py``; the 2-D and 1-D models differ only in the layers they pass. ``padding_mask``
+    ``(B, L)`` (sequences, True where padded) goes to the diffusion and attention layers, and to the MLP when its
+    ``forward`` takes one (a conv MLP must not mix padding into real tokens; timm's ``Mlp`` is per token).
+    """
+    mlp_takes_mask: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -198,12 +248,16 @@ class LdnBlock(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = mlp_layer(
             in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.mlp_takes_mask = 'padding_mask' in inspect.signature(self.mlp.forward).parameters
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.diffusion(x)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.diffusion(x, padding_mask)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), padding_mask)))
+        if self.mlp_takes_mask:
+            x = x + self.drop_path2(self.mlp(self.norm2(x), padding_mask))
+        else:
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
 

@@ -14,21 +14,26 @@ Weights save and load as safetensors + ``config.json`` through ``huggingface_hub
 (``save_pretrained`` / ``from_pretrained``); :func:`load_published` verifies a published file's sha256 against the
 project's manifest first.
 """
+import importlib
 import math
-from typing import Any, Optional, Sequence, Tuple, Type
+from functools import partial
+from typing import Any, Dict, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from huggingface_hub import PyTorchModelHubMixin
-from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
 
-from .diffusion import PATH_NEIGHBOURS_PER_SCALE, diffusion_coefficients, path_diffusion_step
-from .ldn import DiffusionAttention
+from .diffusion import (
+    PATH_NEIGHBOURS_PER_SCALE, feature_diffusion_attention, path_diffusion_step, path_exponential_diffusion,
+    taylor_feature_map,
+)
+from .ldn import DiffusionAttention, DiffusionParams, DwConvMlp, LdnBlock
 
-__all__ = ['PathDiffusion', 'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceBlock', 'LdnSequenceEncoder', 'LdnSequenceClassifier',
-           'SinusoidalPositions', 'default_offsets', 'load_published', 'sinusoidal_positions']
+__all__ = ['PathDiffusion', 'ImplicitPathDiffusion', 'TaylorDiffusionAttention', 'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceClassifier', 'SinusoidalPositions',
+           'default_offsets', 'load_published', 'sinusoidal_positions', 'layer_path', 'resolve_layer']
 
 
 def default_offsets(max_len: int) -> Tuple[int, ...]:
@@ -77,29 +82,93 @@ class SinusoidalPositions(nn.Module):
         return x + self.table[rank].to(x.dtype)
 
 
-class PathDiffusion(nn.Module):
+class PathDiffusion(DiffusionParams):
     """One primary diffusion step ``H + δt ⊙ K(H)`` on sequences ``(B, L, C)``; padded tokens are not nodes.
 
-    ``a_s = softplus(a_raw_s)`` per scale and channel, ``δt = 0.99·sigmoid(τ) / Σ_s 2·a_s``: strictly inside the
-    explicit-Euler bound, so every step is a convex average of real neighbours.
+    The path graph's K (offsets ``i ± d``) with the coefficients of :class:`~timm_ldn.ldn.DiffusionParams`:
+    ``δt = 0.99·sigmoid(τ) / Σ_s 2·a_s``, strictly inside the explicit-Euler bound, so every step is a convex
+    average of real neighbours.
     """
-
-    def __init__(self, dim: int, offsets: Sequence[int], drop_path: float = 0., tau_init: float = -1.):
-        super().__init__()
-        offsets = [int(d) for d in offsets]
-        if not offsets or min(offsets) < 1 or len(set(offsets)) != len(offsets):
-            raise ValueError(f'diffusion offsets must be distinct positive ints, got {offsets}.')
-        self.offsets = offsets
-        self.a_raw = nn.Parameter(torch.zeros(len(offsets), dim))
-        self.tau = nn.Parameter(torch.full((dim,), float(tau_init)))
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def coefficients(self) -> torch.Tensor:
-        """``δt·a_s``, ``(S, C)``."""
-        return diffusion_coefficients(self.a_raw, self.tau, PATH_NEIGHBOURS_PER_SCALE)
+    graph_neighbours = PATH_NEIGHBOURS_PER_SCALE
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return x + self.drop_path(path_diffusion_step(x, self.coefficients(), self.offsets, padding_mask, 0.))
+
+
+class ImplicitPathDiffusion(nn.Module):
+    """The diffusion step solved implicitly, ``H ← H + β ⊙ (P·H − H)``, on sequences ``(B, L, C)``.
+
+    ``P = (I − δt·K)⁻¹`` is the implicit-Euler step of diffusion (with ``drift=True``, advection–diffusion) on the
+    path graph, per channel: a two-sided exponential kernel over the sequence's real tokens, renormalised per row
+    (:func:`~timm_ldn.diffusion.path_exponential_diffusion`). It is a convex average for every ``δt > 0``, so the
+    length scale ``ℓ`` (``δt·a = r/(1 − r)²``, ``r = exp(−1/ℓ)``) is learned with no upper bound, initialised
+    log-uniform across channels from one token to ``2·max(offsets)`` (the default offsets reach ``max_len / 2``):
+    one layer mixes at every scale, and every output depends on every real input (Theorem 1 at depth 1).
+
+    * ``drift``: the left and right halves get their own scales, ``log ℓ ± drift`` (an upwind drift, so a channel
+      can look mostly left or right; rows stay convex, the channel mean is no longer conserved).
+    * ``adaptive_step``: ``β`` per token and channel, ``sigmoid(τ + W_up·W_down·LN(H_i))`` (rank ``step_rank``, the
+      paper's adaptive time step with Mamba-style selectivity); else ``β = sigmoid(τ)`` per channel. Every row
+      ``(1 − β_i)·e_i + β_i·P_i`` is still a convex average of real tokens: ``max|H|`` cannot grow.
+
+    Cost ``O(L log L)`` per channel (two FFT convolutions), parallel over tokens, never an ``L×L`` tensor.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            offsets: Sequence[int] = (1,),
+            drop_path: float = 0.,
+            drift: bool = True,
+            adaptive_step: bool = True,
+            step_rank: int = 8,
+            tau_init: float = -1.,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        max_scale = 2. * max(int(d) for d in offsets)
+        # log-uniform from one token to the longest offset's reach, spread over the channels
+        log_scale = torch.linspace(0., math.log(max(max_scale, 2.)), dim, **dd)
+        self.log_scale = nn.Parameter(log_scale[torch.randperm(dim, device=device)])
+        self.drift = nn.Parameter(torch.zeros(dim, **dd)) if drift else None
+        self.tau = nn.Parameter(torch.full((dim,), float(tau_init), **dd))
+        if adaptive_step:
+            self.step_down = nn.Linear(dim, step_rank, bias=False, **dd)
+            self.step_up = nn.Linear(step_rank, dim, bias=False, **dd)
+            nn.init.zeros_(self.step_up.weight)  # starts at β = sigmoid(τ) for every token
+        else:
+            self.step_down = self.step_up = None
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def step_fraction(self, x: torch.Tensor) -> torch.Tensor:
+        """``β``, ``(B, L, C)`` or ``(C,)``, strictly inside (0, 1)."""
+        if self.step_up is None:
+            return torch.sigmoid(self.tau)
+        u = F.layer_norm(x, x.shape[-1:])
+        return torch.sigmoid(self.tau + self.step_up(self.step_down(u)))
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        drift = self.drift if self.drift is not None else torch.zeros_like(self.log_scale)
+        avg = path_exponential_diffusion(x, self.log_scale + drift, self.log_scale - drift, padding_mask)
+        return x + self.drop_path(self.step_fraction(x) * (avg - x))
+
+
+class TaylorDiffusionAttention(DiffusionAttention):
+    """A_diff with the Taylor kernel ``w_ij = 1 + s_ij + s_ij²/2``, ``s_ij = q_i·k_j/√d``: the second-order form of
+    softmax's ``exp(s_ij)`` (as in Based), positive for every ``s`` (``≥ 1/2``), in linear time through the feature
+    map ``[1, q, q⊗q/√2]`` (``1 + d + d²`` features per head). Rows of ``D⁻¹W − I`` sum to zero; padded tokens are no
+    keys. Same parameters as :class:`~timm_ldn.ldn.DiffusionAttention` (elu + 1 gives each query's largest weight only
+    ~1.07x the uniform one at init; this kernel, like softmax, is sharper)."""
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(shape[0], -1, shape[-1])
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = feature_diffusion_attention(taylor_feature_map(q), taylor_feature_map(k), v, padding_mask)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, C))).reshape(shape)
 
 
 class TokenDepthwiseConv1d(nn.Module):
@@ -112,14 +181,15 @@ class TokenDepthwiseConv1d(nn.Module):
     2.5x those for conv1d with its two transposes.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3):
+    def __init__(self, channels: int, kernel_size: int = 3, device=None, dtype=None):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f'kernel_size must be odd, got {kernel_size}.')
         self.kernel_size = kernel_size
         bound = 1 / math.sqrt(kernel_size)  # nn.Conv1d's default init for a depthwise kernel
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
+        dd = {'device': device, 'dtype': dtype}
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, **dd).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(channels, **dd).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
@@ -128,76 +198,12 @@ class TokenDepthwiseConv1d(nn.Module):
         return y.permute(0, 2, 3, 1).reshape(B, L, C)
 
 
-class DwConv1dMlp(nn.Module):
-    """F with a depthwise conv1d (kernel 3) on the hidden layer; padded positions are zeroed before the conv, so a
-    real token next to padding sees the same zero a sequence end gives it."""
+class DwConv1dMlp(DwConvMlp):
+    """F with a depthwise conv1d (kernel 3) on the hidden layer: :class:`~timm_ldn.ldn.DwConvMlp` on sequences."""
 
     def __init__(self, in_features: int, hidden_features: int, act_layer: Type[nn.Module] = nn.GELU,
-                 drop: float = 0., kernel_size: int = 3):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.dwconv = TokenDepthwiseConv1d(hidden_features, kernel_size)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.fc1(x)
-        if padding_mask is not None:
-            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.)
-        x = self.drop1(self.act(self.dwconv(x)))
-        return self.drop2(self.fc2(x))
-
-
-class _Mlp(nn.Module):
-    """The per-token MLP F (no conv), with the masked call signature of :class:`DwConv1dMlp`."""
-
-    def __init__(self, in_features: int, hidden_features: int, act_layer: Type[nn.Module] = nn.GELU,
-                 drop: float = 0.):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-class LdnSequenceBlock(nn.Module):
-    """One LDN layer on sequences ``(B, L, C)``: diffusion step, then two pre-norm branches, all masked."""
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            offsets: Sequence[int],
-            mlp_ratio: float = 4.,
-            mlp_conv: bool = True,
-            drop_path: float = 0.,
-            proj_drop: float = 0.,
-            ls_init_value: float = 1.,
-            diffusion_layer: Type[nn.Module] = PathDiffusion,
-            attn_layer: Type[nn.Module] = DiffusionAttention,
-    ):
-        super().__init__()
-        self.diffusion = diffusion_layer(dim, offsets, drop_path=drop_path)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = attn_layer(dim, num_heads=num_heads, proj_drop=proj_drop)
-        self.ls1 = LayerScale(dim, init_values=ls_init_value)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        mlp_layer = DwConv1dMlp if mlp_conv else _Mlp
-        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.diffusion(x, padding_mask)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), padding_mask)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x), padding_mask))
-        return x
+                 drop: float = 0., conv_layer: Type[nn.Module] = TokenDepthwiseConv1d, device=None, dtype=None):
+        super().__init__(in_features, hidden_features, act_layer, drop, conv_layer, device=device, dtype=dtype)
 
 
 def check_sequence_batch(x: torch.Tensor, padding_mask: Optional[torch.Tensor], vocab_size: Optional[int],
@@ -241,73 +247,51 @@ def check_sequence_batch(x: torch.Tensor, padding_mask: Optional[torch.Tensor], 
                              'at least one real token. Drop them from the batch.')
 
 
-class LdnSequenceEncoder(nn.Module):
-    """Embedding (tokens or features) and a stack of :class:`LdnSequenceBlock`; returns ``(B, L, C)``."""
-
-    def __init__(
-            self,
-            vocab_size: Optional[int] = None,
-            in_features: Optional[int] = None,
-            embed_dim: int = 64,
-            depth: int = 4,
-            num_heads: int = 4,
-            mlp_ratio: float = 4.,
-            mlp_conv: bool = True,
-            max_len: int = 2048,
-            diffusion_offsets: Optional[Sequence[int]] = None,
-            drop_path_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            diffusion_layer: Type[nn.Module] = PathDiffusion,
-            attn_layer: Type[nn.Module] = DiffusionAttention,
-            pos_embed_layer: Optional[Type[nn.Module]] = None,
-    ):
-        """``pos_embed_layer``: e.g. :class:`SinusoidalPositions`, built as ``pos_embed_layer(embed_dim, max_len)``
-        and called as ``layer(x, padding_mask)`` on the normalised embedding; None: no absolute positions."""
-        super().__init__()
-        if (vocab_size is None) == (in_features is None):
-            raise ValueError('Give exactly one of vocab_size (integer tokens) and in_features (continuous inputs), '
-                             f'got vocab_size={vocab_size}, in_features={in_features}.')
-        if embed_dim % num_heads:
-            raise ValueError(f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}).')
-        self.vocab_size = vocab_size
-        self.in_features = in_features
-        self.embed_dim = embed_dim
-        self.offsets = tuple(int(d) for d in (diffusion_offsets or default_offsets(max_len)))
-        self.embed = nn.Embedding(vocab_size, embed_dim) if vocab_size is not None else nn.Linear(in_features,
-                                                                                                  embed_dim)
-        # Token embeddings are normalised; continuous ones are not: LayerNorm after a linear map is invariant to the
-        # input's scale (LN(W·αx) = LN(W·x) for α > 0 at zero bias), so a one-pixel-per-step embedding would keep
-        # only each pixel's sign
-        self.norm_embed = nn.LayerNorm(embed_dim, eps=1e-6) if vocab_size is not None else nn.Identity()
-        # after the norm, where unit-scale positions meet unit-scale tokens (added to the std-0.02 raw token
-        # embeddings they swamp them: the ListOps screen's ldn_sinpos_raw did not learn, 16.95 % val)
-        self.pos_embed = pos_embed_layer(embed_dim, max_len) if pos_embed_layer is not None else None
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList([
-            LdnSequenceBlock(embed_dim, num_heads, self.offsets, mlp_ratio, mlp_conv, dpr[i], proj_drop_rate,
-                             diffusion_layer=diffusion_layer, attn_layer=attn_layer)
-            for i in range(depth)])
-
-    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check_sequence_batch(x, padding_mask, self.vocab_size, self.in_features)
-        x = self.norm_embed(self.embed(x))
-        if self.pos_embed is not None:
-            x = self.pos_embed(x, padding_mask)
-        if padding_mask is not None:
-            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.)
-        for blk in self.blocks:
-            x = blk(x, padding_mask)
-        return x
+LayerType = Union[str, Type[nn.Module]]
 
 
-class LdnSequenceClassifier(nn.Module, PyTorchModelHubMixin, library_name='timm-ldn', tags=['ldn', 'sequence']):
-    """:class:`LdnSequenceEncoder`, a masked mean pool over the real tokens, a LayerNorm and a linear head.
+def layer_path(layer: type) -> str:
+    """``'module:QualName'`` of a layer type: how ``config.json`` records it (see :func:`resolve_layer`)."""
+    if not isinstance(layer, type) or '<' in layer.__qualname__:
+        raise ValueError(f'{layer!r} cannot be saved in config.json: pass an importable class (a module-level '
+                         'subclass instead of a functools.partial or a local class).')
+    return f'{layer.__module__}:{layer.__qualname__}'
 
-    ``model(x, padding_mask=None)``: ``x`` ``(B, L)`` token ids or ``(B, L, in_features)`` floats. Arguments use
-    timm's vocabulary (``num_classes``, ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``drop_path_rate``).
-    ``pos_embed=True`` adds :class:`SinusoidalPositions` (sequences up to ``max_len``): use it where *where* a token
-    sits matters beyond its neighbours, as in pixel sequences (a bool, not a layer type, so ``config.json`` keeps it;
-    :class:`LdnSequenceEncoder` takes any ``pos_embed_layer``).
+
+def resolve_layer(layer: LayerType) -> Type[nn.Module]:
+    """A layer type, or the ``'module:QualName'`` that ``config.json`` stores for one, as the class."""
+    if not isinstance(layer, str):
+        return layer
+    module, _, qualname = layer.partition(':')
+    try:
+        obj = importlib.import_module(module)
+        for part in qualname.split('.'):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f'Layer type {layer!r} (from config.json?) cannot be imported ({e}); install the package '
+                         'that defines it, or pass the class itself.') from None
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f'{layer!r} is not an nn.Module class.')
+    return obj
+
+
+WEIGHT_INITS = ('trunc_normal', 'torch')
+
+
+class LdnSequenceClassifier(
+        nn.Module, PyTorchModelHubMixin, library_name='timm-ldn', tags=['ldn', 'sequence'],
+        coders={type: (layer_path, resolve_layer)}):
+    """LDN on sequences, shaped like a timm model: embedding, a stack of :class:`~timm_ldn.ldn.LdnBlock`, a masked
+    mean pool over the real tokens, LayerNorm, dropout and a linear head.
+
+    ``model(x, padding_mask=None)``: ``x`` ``(B, L)`` token ids or ``(B, L, in_features)`` floats, ``padding_mask``
+    ``(B, L)`` bool, True where padded. ``forward_features`` returns the tokens ``(B, L, C)``, ``forward_head`` pools
+    and classifies; ``num_classes=0`` gives pooled features.
+
+    Every term is a layer-type argument, as in timm's ``vision_transformer.py`` (``block_fn``, ``diffusion_layer``,
+    ``attn_layer``, ``mlp_layer``, ``norm_layer``); ``save_pretrained`` records each by its import path in
+    ``config.json``, so ``from_pretrained`` rebuilds the model that trained (a layer given as a
+    ``functools.partial`` runs but cannot be saved: give it a module-level subclass).
     """
 
     def __init__(
@@ -319,40 +303,123 @@ class LdnSequenceClassifier(nn.Module, PyTorchModelHubMixin, library_name='timm-
             depth: int = 4,
             num_heads: int = 4,
             mlp_ratio: float = 4.,
-            mlp_conv: bool = True,
+            qkv_bias: bool = True,
             max_len: int = 2048,
             diffusion_offsets: Optional[Sequence[int]] = None,
+            ls_init_value: Optional[float] = 1.,
             drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
             proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
             pos_embed: bool = False,
+            weight_init: str = 'trunc_normal',
+            block_fn: LayerType = LdnBlock,
+            diffusion_layer: LayerType = PathDiffusion,
+            attn_layer: LayerType = DiffusionAttention,
+            mlp_layer: LayerType = DwConv1dMlp,
+            norm_layer: Optional[LayerType] = None,
+            act_layer: Optional[LayerType] = None,
     ):
+        """
+        Args:
+            num_classes: Classes of the head (0: no head, pooled features).
+            vocab_size: Token vocabulary (integer inputs); exactly one of ``vocab_size`` and ``in_features``.
+            in_features: Features per step (continuous inputs, e.g. 1 for one pixel per step).
+            embed_dim, depth, num_heads, mlp_ratio, qkv_bias: Width, blocks, A_diff heads, F's ratio, qkv bias.
+            max_len: Longest sequence of the position table; sets the default diffusion offsets.
+            diffusion_offsets: Offsets of K (default 1, 2, 4, … below ``max_len``).
+            ls_init_value: Initial layer scale γ of the A_diff branch (None: none).
+            drop_rate, proj_drop_rate, drop_path_rate: Head dropout, projection / MLP dropout, stochastic depth
+                (linear over blocks, every branch).
+            pos_embed: Add :class:`SinusoidalPositions` after the embedding (where a token sits matters beyond its
+                neighbours, as in pixel sequences).
+            weight_init: ``'trunc_normal'`` (every Linear and the embedding trunc-normal std 0.02, biases 0: timm's
+                ViT init) or ``'torch'`` (Linears keep PyTorch's default init; the embedding trunc-normal 0.02).
+            block_fn, diffusion_layer, attn_layer, mlp_layer, norm_layer, act_layer: Layer types of the block
+                (norm: LayerNorm eps 1e-6, act: GELU).
+        """
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
+        if (vocab_size is None) == (in_features is None):
+            raise ValueError('Give exactly one of vocab_size (integer tokens) and in_features (continuous inputs), '
+                             f'got vocab_size={vocab_size}, in_features={in_features}.')
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}).')
+        if num_classes < 0:
+            raise ValueError(f'num_classes must be >= 0 (0: no head), got {num_classes}.')
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f'weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}.')
+        norm_layer = resolve_layer(norm_layer) if norm_layer is not None else partial(nn.LayerNorm, eps=1e-6)
+        act_layer = resolve_layer(act_layer) if act_layer is not None else nn.GELU
         self.num_classes = num_classes
-        self.encoder = LdnSequenceEncoder(
-            vocab_size, in_features, embed_dim, depth, num_heads, mlp_ratio, mlp_conv, max_len, diffusion_offsets,
-            drop_path_rate, proj_drop_rate, pos_embed_layer=SinusoidalPositions if pos_embed else None)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.vocab_size = vocab_size
+        self.in_features = in_features
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.offsets = tuple(int(d) for d in (diffusion_offsets or default_offsets(max_len)))
+
+        self.embed = nn.Embedding(vocab_size, embed_dim) if vocab_size is not None else nn.Linear(in_features,
+                                                                                                  embed_dim)
+        # Token embeddings are normalised; continuous ones are not: LayerNorm after a linear map is invariant to the
+        # input's scale (LN(W·αx) = LN(W·x) for α > 0 at zero bias), so a one-pixel-per-step embedding would keep
+        # only each pixel's sign
+        self.norm_embed = norm_layer(embed_dim) if vocab_size is not None else nn.Identity()
+        # after the norm, where unit-scale positions meet unit-scale tokens (added to the std-0.02 raw token
+        # embeddings they swamp them: the ListOps screen's ldn_sinpos_raw did not learn, 16.95 % val)
+        self.pos_embed = SinusoidalPositions(embed_dim, max_len) if pos_embed else None
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            resolve_layer(block_fn)(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                diffusion_offsets=self.offsets,
+                ls_init_value=ls_init_value,
+                proj_drop=proj_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                diffusion_layer=resolve_layer(diffusion_layer),
+                attn_layer=resolve_layer(attn_layer),
+                mlp_layer=resolve_layer(mlp_layer),
+            )
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes)
-        self.apply(self._init_weights)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights(weight_init)
+        # checkpoints saved before the encoder folded into the classifier ('encoder.blocks.0...') load unchanged
+        self._register_load_state_dict_pre_hook(_strip_encoder_prefix)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            trunc_normal_(m.weight, std=.02)
+    def init_weights(self, mode: str = 'trunc_normal') -> None:
+        """(Re-)initialise the Linears and the embedding as ``weight_init`` describes."""
+        for m in self.modules():
+            if isinstance(m, nn.Embedding) or (isinstance(m, nn.Linear) and mode == 'trunc_normal'):
+                trunc_normal_(m.weight, std=.02)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self):
-        return {n for n, _ in self.named_parameters() if n.endswith(('diffusion.a_raw', 'diffusion.tau'))}
+    def no_weight_decay(self) -> Set[str]:
+        # K's coefficients and time steps set the stability margin; decaying them biases δt, not capacity
+        return {n for n, _ in self.named_parameters()
+                if n.endswith(('diffusion.a_raw', 'diffusion.tau', 'diffusion.log_scale', 'diffusion.drift'))}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.encoder(x, padding_mask)
+        """Tokens ``(B, L, C)`` after the last block (padded positions carry no information)."""
+        check_sequence_batch(x, padding_mask, self.vocab_size, self.in_features)
+        x = self.norm_embed(self.embed(x))
+        if self.pos_embed is not None:
+            x = self.pos_embed(x, padding_mask)
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.)
+        for blk in self.blocks:
+            x = blk(x, padding_mask)
+        return x
 
     def pool(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean over the real tokens, ``(B, C)``."""
@@ -361,12 +428,18 @@ class LdnSequenceClassifier(nn.Module, PyTorchModelHubMixin, library_name='timm-
         real = (~padding_mask).to(x.dtype).unsqueeze(-1)
         return (x * real).sum(1) / real.sum(1)
 
+    def forward_head(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                     pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.norm(self.pool(x, padding_mask)))
+        return x if pre_logits else self.head(x)
+
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.pool(self.forward_features(x, padding_mask), padding_mask)
-        return self.head(self.head_drop(self.norm(x)))
+        return self.forward_head(self.forward_features(x, padding_mask), padding_mask)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> 'LdnSequenceClassifier':
+        if 'mlp_conv' in kwargs:  # config.json of the first published weights: F's conv was a bool
+            kwargs['mlp_layer'] = DwConv1dMlp if kwargs.pop('mlp_conv') else Mlp
         try:
             return super()._from_pretrained(model_id=model_id, **kwargs)
         except RuntimeError as e:  # strict state-dict mismatch: one message with the fix
@@ -375,6 +448,11 @@ class LdnSequenceClassifier(nn.Module, PyTorchModelHubMixin, library_name='timm-
                 'Re-export the checkpoint with save_pretrained from the model that trained it.') from None
         except TypeError as e:  # a config.json key the constructor does not take
             raise ValueError(f'{model_id}: config.json does not describe an LdnSequenceClassifier ({e}).') from None
+
+
+def _strip_encoder_prefix(state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + 'encoder.')]:
+        state_dict[prefix + key[len(prefix) + len('encoder.'):]] = state_dict.pop(key)
 
 
 def load_published(name: str, cache_dir: Optional[str] = None, **kwargs: Any) -> LdnSequenceClassifier:

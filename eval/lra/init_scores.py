@@ -18,11 +18,10 @@ from timm_ldn.diffusion import positive_feature_map  # noqa: E402
 
 
 def first_block_qkv(model, x: torch.Tensor):
-    enc = model.encoder
-    h = enc.norm_embed(enc.embed(x))
-    if enc.pos_embed is not None:
-        h = enc.pos_embed(h, None)
-    blk = enc.blocks[0]
+    h = model.norm_embed(model.embed(x))
+    if model.pos_embed is not None:
+        h = model.pos_embed(h, None)
+    blk = model.blocks[0]
     u = blk.norm1(blk.diffusion(h))
     attn = blk.attn
     B, N, _ = u.shape

@@ -1,0 +1,209 @@
+"""The long-range layers of the sequence model (issue 27) keep the contract's properties.
+
+* ``ImplicitPathDiffusion``: the diffusion step solved implicitly, a masked, normalised two-sided exponential
+  convolution (``timm_ldn.diffusion.path_exponential_diffusion``) against its dense reference; convex rows over the
+  real tokens, ``max|H|`` never grows, interior mass conservation, Theorem 1 at depth 1, fp16 / bf16 stacks finite,
+  no ``L×L`` tensor.
+* ``TaylorDiffusionAttention``: ``w_ij = 1 + s + s²/2 > 0``, rows of ``D⁻¹W − I`` sum to zero, padded keys ignored.
+* ``LdnSequenceClassifier``: layer types and ``weight_init`` round-trip through ``config.json``.
+"""
+import json
+from functools import partial
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from timm_ldn.diffusion import (
+    diffusion_attention_reference, path_exponential_diffusion, path_exponential_diffusion_reference,
+    taylor_feature_map,
+)
+from timm_ldn.sequence import (
+    ImplicitPathDiffusion, LdnSequenceClassifier, TaylorDiffusionAttention, layer_path, resolve_layer,
+)
+
+DT = torch.float64
+
+
+def _mask(lengths, L):
+    return torch.arange(L)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+def _scales(C, seed=0, spread=2.):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(C, generator=g, dtype=DT) * spread, torch.randn(C, generator=g, dtype=DT) * spread
+
+
+def _layer(dim=6, adaptive_step=True, drift=True, seed=0, offsets=(1, 2, 4, 8)):
+    torch.manual_seed(seed)
+    layer = ImplicitPathDiffusion(dim, offsets, drift=drift, adaptive_step=adaptive_step).to(DT)
+    with torch.no_grad():  # off the init values: drift, token-dependent steps
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return layer
+
+
+@pytest.mark.parametrize('lengths', [(23, 23), (23, 9), (5, 1)])
+def test_implicit_step_equals_its_dense_operator_whose_rows_are_convex_averages_of_real_tokens(lengths):
+    L, C = 23, 5
+    left, right = _scales(C, spread=1.)  # ℓ ≥ e^-3: exp(-22/ℓ) stays above float64's underflow
+    mask = _mask(lengths, L)
+    x = torch.randn(2, L, C, dtype=DT)
+    y = path_exponential_diffusion(x, left, right, mask)
+    for b in range(2):
+        real = ~mask[b]
+        P = path_exponential_diffusion_reference(left, right, real)  # (C, L, L)
+        torch.testing.assert_close(y[b], torch.einsum('cij,jc->ic', P, x[b]), rtol=1e-10, atol=1e-10)
+        rows = P[:, real]
+        assert (rows >= 0).all()
+        torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows.sum(-1)))  # K·1 = 0
+        assert (rows[:, :, ~real] == 0).all()  # padding is no node
+        assert (rows[:, :, real] > 0).all()  # every real token reaches every real token in one step
+    const = torch.full((2, L, C), 3.5, dtype=DT)
+    torch.testing.assert_close(path_exponential_diffusion(const, left, right, mask), const)
+
+
+def test_implicit_step_interior_conserves_each_channels_total_and_drift_makes_it_one_sided():
+    """Away from the ends (several length scales) every column of P sums to one, drift or not: the total is moved,
+    never made. Near an end the renormalised rows do not conserve it (stated in the layer's docs)."""
+    L, C = 200, 3
+    left = torch.log(torch.tensor([1., 2., 3.], dtype=DT))
+    right = torch.log(torch.tensor([1., 0.5, 3.], dtype=DT))  # channel 1: a drift (looks further left)
+    P = path_exponential_diffusion_reference(left, right, torch.ones(L, dtype=torch.bool))
+    interior = P.sum(1)[:, 80:120]  # ≥ 80 tokens (26 scales) from either end
+    torch.testing.assert_close(interior, torch.ones_like(interior), rtol=0, atol=1e-9)
+    mid = L // 2
+    assert P[1, mid, mid - 3] > 10 * P[1, mid, mid + 3]  # the drift channel weighs its left side more
+    torch.testing.assert_close(P[0, mid, mid - 3], P[0, mid, mid + 3])  # symmetric channel
+
+
+@pytest.mark.parametrize('adaptive_step', [True, False])
+def test_implicit_layer_never_grows_the_max_norm_whatever_the_scales(adaptive_step):
+    layer = _layer(adaptive_step=adaptive_step)
+    with torch.no_grad():
+        layer.log_scale.mul_(10.)  # ℓ from e^-15 to e^15: no stability bound is needed
+    mask = _mask((40, 17), 40)
+    x = torch.randn(2, 40, 6, dtype=DT) * 5
+    y = layer(x, mask)
+    real = ~mask
+    for b in range(2):
+        assert y[b][real[b]].abs().amax(0).max() <= x[b][real[b]].abs().max() * (1 + 1e-9)
+    torch.testing.assert_close(y[1][mask[1]], x[1][mask[1]])  # padded positions untouched
+
+
+@pytest.mark.parametrize('adaptive_step', [True, False])
+def test_theorem1_every_output_depends_on_every_real_input_after_one_layer(adaptive_step):
+    layer = _layer(adaptive_step=adaptive_step, offsets=(8,))  # scales up to 16 tokens on a 24-token sequence
+    mask = _mask((17,), 24)
+    x = torch.randn(1, 24, 6, dtype=DT)
+    jac = torch.autograd.functional.jacobian(lambda h: layer(h, mask), x)  # (1, L, C, 1, L, C)
+    dep = jac[0, :, :, 0].abs().sum((1, 3))  # (L, L): |∂y_i/∂x_j| summed over channels
+    assert (dep[:17, :17] > 0).all()
+    assert (dep[:17, 17:] == 0).all()  # padding reaches no real token
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_deep_implicit_stack_stays_finite_and_bounded_in_half_precision(dtype):
+    torch.manual_seed(0)
+    layers = [ImplicitPathDiffusion(8, (1, 2, 4, 64)).to(dtype) for _ in range(12)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.log_scale.mul_(8.)
+            layer.tau.fill_(20.)  # β → 1: the full step, every layer
+    x = (torch.randn(2, 128, 8) * 6e4 / 4).clamp(-6e4, 6e4).to(dtype)
+    h = x
+    with torch.no_grad():
+        for layer in layers:
+            h = layer(h, _mask((128, 50), 128))
+    assert torch.isfinite(h).all()
+    assert h.float().abs().max() <= x.float().abs().max() * 1.01
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_no_tensor_grows_with_the_square_of_the_length():
+    """Forward and backward of the implicit step and the Taylor kernel at L = 4096: the largest intermediate is
+    linear in L (far below the L² = 16.8 M an attention matrix would hold)."""
+    L = 4096
+    torch.manual_seed(0)
+    model = LdnSequenceClassifier(num_classes=3, vocab_size=8, embed_dim=8, depth=1, num_heads=2, max_len=L,
+                                  diffusion_layer=ImplicitPathDiffusion, attn_layer=TaylorDiffusionAttention)
+    x = torch.randint(0, 8, (1, L))
+    with _LargestTensor() as probe:
+        model(x, _mask((L - 100,), L)).sum().backward()
+    assert probe.numel < 64 * L, probe.numel
+
+
+def test_taylor_kernel_is_the_second_order_form_of_exp_and_positive():
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 16, dtype=DT) * 3, torch.randn(7, 16, dtype=DT) * 3
+    s = q @ k.t() / 4.
+    torch.testing.assert_close(taylor_feature_map(q) @ taylor_feature_map(k).t(), 1 + s + s * s / 2)
+    assert (1 + s + s * s / 2 >= 0.5).all()
+
+
+def test_taylor_attention_matches_dense_kernel_rows_sum_to_zero_and_ignores_padded_keys():
+    torch.manual_seed(0)
+    attn = TaylorDiffusionAttention(16, num_heads=2).to(DT).eval()
+    mask = _mask((11, 6), 11)
+    x = torch.randn(2, 11, 16, dtype=DT)
+    with torch.no_grad():
+        B, N, C = x.shape
+        q, k, v = attn.qkv(x).view(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        ref = diffusion_attention_reference(q, k, v, phi=taylor_feature_map, key_padding_mask=mask)
+        expected = attn.proj(ref.transpose(1, 2).reshape(B, N, C))
+        torch.testing.assert_close(attn(x, mask), expected)
+        other = x.clone()
+        other[1, 6:] = torch.randn(5, 16, dtype=DT) * 9  # new padding content: no real token changes
+        torch.testing.assert_close(attn(other, mask)[1, :6], attn(x, mask)[1, :6])
+        attn.proj.weight.copy_(torch.eye(16, dtype=DT))
+        attn.proj.bias.zero_()
+        attn.qkv.weight[32:].zero_()
+        attn.qkv.bias[32:].fill_(2.)  # V constant: A_diff(const) = 0
+        torch.testing.assert_close(attn(x, mask), torch.zeros_like(x))
+
+
+def test_layer_types_and_init_round_trip_through_config_json(tmp_path):
+    torch.manual_seed(0)
+    m = LdnSequenceClassifier(num_classes=4, vocab_size=9, embed_dim=16, depth=2, num_heads=2, max_len=64,
+                              diffusion_layer=ImplicitPathDiffusion, attn_layer=TaylorDiffusionAttention,
+                              weight_init='torch').eval()
+    m.save_pretrained(tmp_path / 'm')
+    cfg = json.loads((tmp_path / 'm' / 'config.json').read_text())
+    assert cfg['diffusion_layer'] == 'timm_ldn.sequence:ImplicitPathDiffusion'
+    assert cfg['attn_layer'] == 'timm_ldn.sequence:TaylorDiffusionAttention' and cfg['weight_init'] == 'torch'
+    loaded = LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm')).eval()
+    assert isinstance(loaded.blocks[0].diffusion, ImplicitPathDiffusion)
+    x = torch.randint(0, 9, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    assert resolve_layer(layer_path(ImplicitPathDiffusion)) is ImplicitPathDiffusion
+    with pytest.raises(ValueError, match='cannot be saved in config.json'):
+        layer_path(partial(ImplicitPathDiffusion, drift=False))
+    with pytest.raises(ValueError, match='cannot be imported'):
+        resolve_layer('timm_ldn.sequence:NoSuchLayer')
+    with pytest.raises(ValueError, match='not an nn.Module class'):
+        resolve_layer('timm_ldn.sequence:default_offsets')
+
+
+def test_weight_init_modes_differ_as_documented_and_bad_modes_are_refused():
+    torch.manual_seed(0)
+    trunc = LdnSequenceClassifier(num_classes=4, vocab_size=9, embed_dim=64, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    plain = LdnSequenceClassifier(num_classes=4, vocab_size=9, embed_dim=64, depth=1, num_heads=2, weight_init='torch')
+    assert abs(trunc.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert plain.blocks[0].attn.qkv.weight.std().item() > 0.05  # kaiming-uniform, 1/sqrt(3·64) ≈ 0.072
+    assert plain.blocks[0].attn.qkv.bias.abs().max() > 0 and (trunc.blocks[0].attn.qkv.bias == 0).all()
+    with pytest.raises(ValueError, match='weight_init must be one of'):
+        LdnSequenceClassifier(num_classes=4, vocab_size=9, weight_init='jax')

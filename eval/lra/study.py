@@ -12,7 +12,8 @@ full; its runs are named ``screen<steps>-<task>-<row>[-lr<lr>]`` and stay out of
 
 ``run`` skips finished runs and resumes unfinished ones from ``eval/runs/lra/<run>/last.pt``; ``--jobs`` runs that
 many at once, one thread each. ``--snapshot`` copies each unfinished run's last checkpoint and log to
-``eval/checkpoints/lra/<run>/`` (small, committed) so another machine continues after ``restore``.
+``eval/checkpoints/lra/<run>/`` (committed only while the run must continue on another machine, after ``restore``);
+when the run finishes, its snapshot keeps the log alone.
 Accuracy is reported at the end of training (equal steps: every row has the same step budget) and at equal
 wall-clock time: each row's best validation accuracy within the training time LDN needed for the step budget
 (mean over its seeds; the fastest row's time when no ``ldn`` run exists), read from the logs, test unseen. A row
@@ -78,9 +79,10 @@ def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, sna
                 ok = proc.returncode == 0 and (RESULTS / f'{exp}.json').is_file()
                 failures += not ok
                 print(f'{"finished" if ok else "FAILED"} {exp}', flush=True)
-                if ok and snapshot:  # a finished run keeps its best weights and log; it never resumes
-                    save_snapshots([exp], files=('best.pt', 'log.csv'))
-                    (SNAPSHOTS / exp / 'last.pt').unlink(missing_ok=True)
+                if ok and snapshot:  # a finished run keeps its log only: checkpoints stay out of git
+                    save_snapshots([exp], files=('log.csv',))
+                    for f in ('last.pt', 'best.pt'):
+                        (SNAPSHOTS / exp / f).unlink(missing_ok=True)
         if snapshot:
             save_snapshots([exp for _, exp in running])
     return 1 if failures else 0

@@ -333,3 +333,24 @@ def test_export_from_safetensors_state_dict(repos, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     # same tensors in, same bytes out: export is deterministic
     assert hub.sha256_file(out / 'model.safetensors') == hub.sha256_file(repos['export'] / 'model.safetensors')
+
+
+def test_offline_both_loaders_answer_at_once_from_the_verified_shipped_copy(tmp_path):
+    """Network unreachable (HF_ENDPOINT on a closed loopback port, empty HF cache): load_published and
+    timm.create_model(pretrained=True) share one resolver, which probes the Hub once and goes straight to the
+    verified shipped copy: no retries, no connection warnings, well under 5 s each (huggingface_hub alone retries
+    five times, ~23 s)."""
+    code = (
+        'import json, time, timm, timm_ldn\n'
+        'from timm_ldn.sequence import load_published\n'
+        't = time.perf_counter(); load_published("ldn_seq_listops_512.lra"); seq = time.perf_counter() - t\n'
+        't = time.perf_counter(); timm.create_model("ldn_nano_convtok_28.fmnist", pretrained=True)\n'
+        'print(json.dumps(dict(seq=seq, timm=time.perf_counter() - t)))\n')
+    env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'))
+    env.pop('HF_HUB_OFFLINE', None)
+    env.pop(hub.MANIFEST_ENV, None)
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    took = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert took['seq'] < 5 and took['timm'] < 5, took
+    assert 'Retrying' not in proc.stderr and 'WARNING' not in proc.stderr.upper(), proc.stderr[-2000:]

@@ -11,11 +11,14 @@ its cache) and the loading (``load_pretrained`` → ``load_state_dict``: safeten
   weights (timm would fall back to random init or fail with a generic message), fetches a published
   file through timm, checks its sha256 against the manifest, and hands timm the verified local path.
 """
+import functools
 import hashlib
 import json
 import logging
 import os
+import socket
 import struct
+import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -240,14 +243,33 @@ def _remove_cached(path: Path) -> None:
         _logger.warning(f'Could not remove bad cached weight file {path}: {e}')
 
 
-def _download(repo_id: str, filename: str, cache_dir: Optional[Union[str, Path]]) -> Path:
-    # timm's own Hub download (hf_hub_download: atomic temp-file-then-rename into the HF cache, offline aware)
-    from timm.models._hub import download_from_hf
+@functools.lru_cache(maxsize=None)
+def hub_reachable(endpoint: str, timeout: float = 3.) -> bool:
+    """Whether a TCP connection to the Hub endpoint opens within ``timeout`` s (once per process and endpoint).
+
+    huggingface_hub retries a failed request five times with back-off (~23 s and six warnings) before it gives up;
+    offline, one quick probe lets every loader go straight to the verified cached or shipped copy instead.
+    """
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == 'https' else 80)
     try:
-        return Path(download_from_hf(repo_id, filename, cache_dir=cache_dir))
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download(repo_id: str, filename: str, cache_dir: Optional[Union[str, Path]]) -> Path:
+    """One Hub file through huggingface_hub's cache (atomic temp-file-then-rename); when the Hub cannot be reached
+    (``HF_HUB_OFFLINE``, or the endpoint does not answer) only the cache is read, without retries."""
+    from huggingface_hub import constants, hf_hub_download
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=offline))
     except Exception as e:  # huggingface_hub raises many types (HTTP, offline, consistency OSError)
+        where = f'the Hub ({constants.ENDPOINT}) is unreachable and the cache has no copy' if offline else str(e)
         raise WeightsError(
-            f'Could not get {filename} of {repo_id} from the Hugging Face Hub ({type(e).__name__}: {e}). '
+            f'Could not get {filename} of {repo_id} from the Hugging Face Hub ({type(e).__name__}: {where}). '
             f'Nothing was added to the cache; check the network / HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use a '
             f'previously cached copy.') from e
 
@@ -315,7 +337,7 @@ def resolve_pretrained_overlay(
         local = local_weight_file(name)
         if local is None:
             raise
-        _logger.warning(f'{repo} unreachable: loading the verified copy shipped with timm-ldn, {local}')
+        _logger.info(f'{repo} unreachable: loading the verified copy shipped with timm-ldn, {local}')
         overlay.update(file=str(local), source=None)
         return overlay
     _verify_cached(path, entry)

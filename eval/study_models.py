@@ -17,7 +17,6 @@ from timm.models.vision_transformer import Block
 
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 from timm_ldn.ldn import ConvTokenizer
-from timm_ldn.visualize import BASELINE_ARCHS
 
 import ablations
 
@@ -143,10 +142,11 @@ class CompactConvTransformer(nn.Module):
 
 
 # Baselines by name: a timm entry point with its architecture overridden, or a class defined here.
-# vit_nano_patch4_28 is timm_ldn.visualize's (the ERF pictures compare against the same model).
 BASELINES: Dict[str, Dict[str, Any]] = {
-    'vit_nano_patch4_28': {k: v for k, v in BASELINE_ARCHS['vit_nano_patch4_28'].items()
-                           if k not in ('in_chans', 'num_classes')},
+    # the same-size ViT of the small-image LDN variants (ERF pictures: ldn show --baseline
+    # eval/study_models.py:vit_nano_patch4_28)
+    'vit_nano_patch4_28': dict(entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=64, depth=6,
+                               num_heads=2, mlp_ratio=4.),
     # same-params CNN: timm's ResNet-10-T (deep tiered stem, avg-down) narrowed to 0.31 M params; output stride 8
     # keeps a 4x4 map in the last stage instead of 1x1 (28 px input), 0.0104 GMACs
     'resnet_nano_28': dict(entry='resnet10t', channels=(32, 48, 64, 96), output_stride=8),
@@ -172,6 +172,11 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
                 m.fused_attn = False
         return model
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def vit_nano_patch4_28() -> nn.Module:
+    """The block study's ViT baseline at Fashion-MNIST's classes / channels (``ldn show --baseline``)."""
+    return build_model('vit_nano_patch4_28', num_classes=10, in_chans=1)
 
 
 def cct_tok32() -> nn.Module:

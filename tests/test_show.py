@@ -14,6 +14,7 @@ from timm_ldn.cli import main as ldn_main
 from timm_ldn.diffusion import diffusion_attention_reference, grid_diameter
 
 ROOT = Path(__file__).resolve().parents[1]
+VIT = f'{ROOT / "eval" / "study_models.py"}:vit_nano_patch4_28'  # the block study's same-size ViT
 
 MODEL = 'ldn_nano_patch4_28'  # patch 4, offsets (1, 2), 6 blocks, 2 heads, 1 channel
 
@@ -127,22 +128,24 @@ def test_grad_cam_on_the_feature_map(model):
     assert res['cam'].amin() >= 0 and torch.allclose(res['cam'].flatten(1).amax(1), torch.ones(3))
     with torch.no_grad():
         assert torch.equal(res['target'], model(x).argmax(-1))
-    vit = V.create_baseline('vit_nano_patch4_28')  # forward_features: tokens, not a map
+    vit = V.create_baseline(VIT)  # forward_features: tokens, not a map
     with pytest.raises(ValueError, match='spatial feature map'):
         V.grad_cam(vit, x)
 
 
 def test_baseline_checkpoint_is_loaded(tmp_path):
-    trained = V.create_baseline('vit_nano_patch4_28')
+    trained = V.create_baseline(VIT)
     path = tmp_path / 'vit.pth'
     torch.save({'state_dict': trained.state_dict()}, path)  # train.py-style wrapper
-    loaded = V.create_baseline('vit_nano_patch4_28', path)
+    loaded = V.create_baseline(VIT, path)
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(ValueError, match='does not exist'):
-        V.create_baseline('vit_nano_patch4_28', tmp_path / 'missing.pth')
+        V.create_baseline(VIT, tmp_path / 'missing.pth')
     torch.save(V.create_baseline('vit_tiny_patch16_224').state_dict(), tmp_path / 'other.pth')
-    with pytest.raises(ValueError, match='does not fit vit_nano_patch4_28'):
-        V.create_baseline('vit_nano_patch4_28', tmp_path / 'other.pth')
+    with pytest.raises(ValueError, match='does not fit .*vit_nano_patch4_28'):
+        V.create_baseline(VIT, tmp_path / 'other.pth')
+    shipped = ROOT / 'weights' / 'baselines' / 'vit_nano_patch4_28.fmnist_s0.safetensors'  # the pictures' baseline
+    assert V.create_baseline(VIT, shipped).pos_embed.shape == (1, 50, 64)  # class token + 7x7 patches
     with pytest.raises(ValueError, match='Unknown baseline'):
         V.create_baseline('no_such_vit')
 
@@ -182,7 +185,7 @@ def _show(tmp_path, image_dir, *argv):
 
 
 def test_cli_writes_every_picture_and_its_numbers(tmp_path, image_dir, capsys):
-    rc = _show(tmp_path, image_dir, '--baseline', 'vit_nano_patch4_28', '--query', '2,5', '--layer', '3',
+    rc = _show(tmp_path, image_dir, '--baseline', VIT, '--query', '2,5', '--layer', '3',
                '--num-images', '1')
     assert rc == 0, capsys.readouterr().err
     out = tmp_path / 'out'
@@ -190,7 +193,7 @@ def test_cli_writes_every_picture_and_its_numbers(tmp_path, image_dir, capsys):
         assert (out / f'{picture}.png').stat().st_size > 1000
     erf = json.loads((out / 'erf.json').read_text())
     assert erf['diffusion_path']['first_full_depth'] == erf['diffusion_path']['grid_diameter'] == 6
-    assert [c['label'] for c in erf['curves']][1] == 'vit_nano_patch4_28 (untrained)'
+    assert [c['label'] for c in erf['curves']][1] == f'{VIT} (untrained)'
     attention = json.loads((out / 'attention.json').read_text())
     assert attention['query'] == [2, 5] and attention['layer'] == 3
     assert len(json.loads((out / 'diffusion.json').read_text())['margin']) == 6

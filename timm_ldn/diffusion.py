@@ -167,9 +167,18 @@ def _functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _custom_backward(x: torch.Tensor, coef: Optional[torch.Tensor] = None) -> bool:
+    """Whether an op runs its hand-written autograd Function: a gradient is wanted for ``x`` (or ``coef``), and
+    neither TorchScript (which compiles the plain form) nor a torch.func transform (no functorch rules) is active.
+    Either path gives the same values."""
+    if torch.jit.is_scripting() or not torch.is_grad_enabled():
+        return False
+    wanted = x.requires_grad or (coef is not None and coef.requires_grad)
+    return wanted and not _functorch_active()
+
+
 def _shifted_diffusion_step(x: torch.Tensor, coef: torch.Tensor, offsets: List[int], self_weight: float) -> torch.Tensor:
-    if (not torch.jit.is_scripting() and torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad)
-            and not _functorch_active()):
+    if _custom_backward(x, coef):
         return _shifted_diffusion_step_autograd(x, coef, offsets, self_weight)
     return _shifted_diffusion_step_impl(x, coef, offsets, self_weight)
 
@@ -306,7 +315,7 @@ def positive_feature_map(x: torch.Tensor) -> torch.Tensor:
     buffers instead of four (large CPU temporaries cost page faults). When a gradient is needed, a custom
     autograd function supplies the one-pass derivative (TorchScript takes the plain, autograd-traced form).
     """
-    if not torch.jit.is_scripting() and torch.is_grad_enabled() and x.requires_grad and not _functorch_active():
+    if _custom_backward(x):
         return _positive_feature_map_autograd(x)
     if torch.is_grad_enabled() and x.requires_grad:  # plain autograd: no in-place ops on tensors autograd saves
         return x.clamp_min(0.) + x.clamp_max(0.).exp()
@@ -458,8 +467,7 @@ def path_diffusion_step(
         self_weight: Weight of the identity (``0``: the update alone).
     """
     edges = None if padding_mask is None else (~padding_mask).to(x.dtype).unsqueeze(-1)  # (B, L, 1) real tokens
-    if (not torch.jit.is_scripting() and torch.is_grad_enabled() and (x.requires_grad or coef.requires_grad)
-            and not _functorch_active()):
+    if _custom_backward(x, coef):
         return _PathDiffusionFn.apply(x, coef, offsets, edges, self_weight)
     return _path_diffusion_step_impl(x, coef, offsets, edges, self_weight)
 

@@ -27,19 +27,10 @@ import torch.nn as nn
 from .diffusion import NEIGHBOURS_PER_SCALE, positive_feature_map
 
 __all__ = [
-    'BASELINE_ARCHS', 'create_baseline', 'ReceptiveField', 'effective_receptive_field', 'diffusion_only',
+    'create_baseline', 'ReceptiveField', 'effective_receptive_field', 'diffusion_only',
     'diffusion_offsets', 'stencil_reach', 'check_local', 'diffusion_scales', 'resolve_layer', 'resolve_query',
     'attention_feature_map', 'attention_rows', 'grad_cam',
 ]
-
-# Same-size ViT baselines for the small-image LDN variants: a timm vit_* entry point with its architecture
-# overridden to match (eval/train_fmnist.py trains 'vit_nano_patch4_28' with these numbers; in_chans/num_classes
-# are the Fashion-MNIST ones its recipe sets). Any other name goes to timm.create_model unchanged.
-BASELINE_ARCHS: Dict[str, Dict[str, Any]] = {
-    'vit_nano_patch4_28': dict(
-        entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=64, depth=6, num_heads=2, mlp_ratio=4.,
-        in_chans=1, num_classes=10),
-}
 
 OutputTokens = Union[str, Sequence[Tuple[int, int]]]
 
@@ -70,8 +61,9 @@ def _import_callable(spec: str) -> Callable[[], nn.Module]:
 
 
 def create_baseline(name: str, checkpoint: Optional[Union[str, Path]] = None) -> nn.Module:
-    """A baseline by ``BASELINE_ARCHS`` name, timm model name or ``FILE.py:NAME`` / ``package.module:NAME`` of a
-    model class (built with its defaults), with the weights of ``checkpoint`` if given.
+    """A baseline by timm model name, or ``FILE.py:NAME`` / ``package.module:NAME`` of a model class or factory
+    (built with its defaults, e.g. the studies' ``eval/study_models.py:vit_nano_patch4_28``), with the weights of
+    ``checkpoint`` if given.
 
     ``checkpoint``: a bare state dict (``.pth`` / ``.safetensors``) or a timm ``train.py`` checkpoint (EMA weights
     preferred), loaded strictly. Without one the model keeps its random initialisation.
@@ -82,13 +74,11 @@ def create_baseline(name: str, checkpoint: Optional[Union[str, Path]] = None) ->
     if ':' in name:  # a model class / factory outside timm's registry, e.g. the study's CCT
         model = _import_callable(name)()
     else:
-        kwargs = dict(BASELINE_ARCHS.get(name, {}))
-        entry = kwargs.pop('entry', name)
-        if not timm.is_model(entry):
+        if not timm.is_model(name):
             raise ValueError(
-                f'Unknown baseline {name!r}. Pass a timm model name, one of {sorted(BASELINE_ARCHS)}, or a '
-                'model class as FILE.py:NAME / package.module:NAME (built with its default arguments).')
-        model = timm.create_model(entry, pretrained=False, **kwargs)
+                f'Unknown baseline {name!r}. Pass a timm model name, or a model class / factory as FILE.py:NAME / '
+                'package.module:NAME (built with its default arguments), e.g. eval/study_models.py:vit_nano_patch4_28.')
+        model = timm.create_model(name, pretrained=False)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise ValueError(
@@ -99,7 +89,7 @@ def create_baseline(name: str, checkpoint: Optional[Union[str, Path]] = None) ->
         except RuntimeError as e:  # key / shape mismatch
             raise ValueError(
                 f'Baseline checkpoint {checkpoint} does not fit {name}: {str(e).splitlines()[0]} Pass a checkpoint '
-                f'of this architecture (overrides in timm_ldn.visualize.BASELINE_ARCHS).') from e
+                f'of this architecture.') from e
     return model.eval()
 
 

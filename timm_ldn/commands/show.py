@@ -41,9 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--num-images', type=int, default=64, help='use at most this many images (default 64)')
     parser.add_argument('--img-size', type=int, help='input size (default: the model\'s pretrained cfg)')
     parser.add_argument('--baseline', metavar='NAME',
-                        help='baseline for the ERF curve: a timm model, one of timm_ldn.visualize.BASELINE_ARCHS '
-                             '(e.g. vit_nano_patch4_28) or a model factory as FILE.py:NAME / package.module:NAME '
-                             '(e.g. eval/study_models.py:cct_tok32)')
+                        help='baseline for the ERF curve: a timm model, or a model class / factory as FILE.py:NAME / '
+                             'package.module:NAME (e.g. eval/study_models.py:vit_nano_patch4_28)')
     parser.add_argument('--baseline-checkpoint', metavar='FILE',
                         help='trained baseline weights (state dict or train.py checkpoint); without it the baseline '
                              'is random init and labelled "untrained"')

@@ -312,7 +312,7 @@ def test_publish_writes_a_pinned_entry_that_load_published_reproduces(tmp_path, 
     x = torch.randint(1, 12, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(load_published('ldn_seq_test.lra').eval()(x), trained(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match='not a plain LdnSequenceClassifier'):
+    with pytest.raises(ValueError, match=r"uses study layers .*ablations:NoDiffusion"):
         publish.publish('listops_ldn_no_k_s0', 'ldn_seq_ablation', weights)
     with pytest.raises(FileNotFoundError, match='finished runs'):
         publish.publish('listops_ldn_s9', 'ldn_seq_missing', weights)

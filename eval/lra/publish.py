@@ -24,7 +24,7 @@ import models  # noqa: E402
 import study  # noqa: E402
 
 from timm_ldn import hub  # noqa: E402
-from timm_ldn.commands.export import _git_commit  # noqa: E402
+from timm_ldn.commands.export import git_commit  # noqa: E402
 from timm_ldn.sequence import LdnSequenceClassifier  # noqa: E402
 
 TASK_DATA = {
@@ -50,8 +50,13 @@ def publish(run: str, name: str, weights_dir: Optional[Path] = None) -> Dict[str
         raise FileNotFoundError(f'{run}: no result {summary_path}; only finished runs (test read) are published.')
     summary = json.loads(summary_path.read_text())
     model = models.build(summary['row'], **summary['arch'])
-    if type(model) is not LdnSequenceClassifier or summary['row'].startswith('ldn_no_'):
-        raise ValueError(f'{run}: row {summary["row"]!r} is not a plain LdnSequenceClassifier; publish an ldn row.')
+    if type(model) is not LdnSequenceClassifier:
+        raise ValueError(f'{run}: row {summary["row"]!r} is not an LdnSequenceClassifier; publish an ldn row.')
+    foreign = {k: v for k, v in model._hub_mixin_config.items()
+               if isinstance(v, str) and ':' in v and not v.startswith(('timm_ldn.', 'timm.', 'torch.'))}
+    if foreign:  # config.json would name layers a user's install cannot import (eval/ablations.py)
+        raise ValueError(f'{run}: row {summary["row"]!r} uses study layers {foreign}; publish a row built from '
+                         'timm_ldn layers only.')
     model.load_state_dict(torch.load(_best_weights(run), weights_only=True))
     model.eval()
     weights_dir = Path(weights_dir) if weights_dir is not None else hub.weights_dir()
@@ -73,7 +78,7 @@ def publish(run: str, name: str, weights_dir: Optional[Path] = None) -> Dict[str
         sha256=hub.sha256_file(weights), size=weights.stat().st_size, layout_version=1,
         local_file=f'{name}/model.safetensors', num_params=sum(p.numel() for p in model.parameters()),
         model_args=dict(summary['arch']),
-        provenance=dict(recipe='eval/lra/train_lra.py', data=TASK_DATA[summary['task']], commit=_git_commit(str(ROOT)),
+        provenance=dict(recipe='eval/lra/train_lra.py', data=TASK_DATA[summary['task']], commit=git_commit(str(ROOT)),
                         run=run, checkpoint='best.pt', step=summary['best_step'], steps=summary['steps'],
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')),
         eval=dict(test_acc=round(summary['test_acc'], 2), val_acc=round(summary['val_acc'], 2),

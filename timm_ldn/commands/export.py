@@ -90,7 +90,8 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def _git_commit(cwd: Optional[str] = None) -> str:
+def git_commit(cwd: Optional[str] = None) -> str:
+    """The checkout's HEAD commit (provenance of published weights), or 'unknown' outside a git checkout."""
     try:
         return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
                               timeout=10, cwd=cwd).stdout.strip()
@@ -312,7 +313,7 @@ def export_checkpoint(args: argparse.Namespace) -> Dict[str, Any]:
         provenance=dict(
             recipe=str(recipe),
             data=str(data),
-            commit=args.commit or _git_commit(),
+            commit=args.commit or git_commit(),
             checkpoint=Path(args.checkpoint).name,
             epoch=checkpoint.get('epoch'),
             ema=not args.no_ema and isinstance(checkpoint.get('state_dict_ema'), dict),

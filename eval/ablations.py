@@ -1,7 +1,7 @@
 """The block study's ablations and alternative forms, as layer types for ``LinearDiffusionNet``.
 
 Each class plugs into one of the model's layer-type arguments (``diffusion_layer``, ``attn_layer``, ``embed_layer``,
-``mlp_layer``), so the shipped model carries no study switch. ``eval/study_models.py`` builds every study row from
+``mlp_layer``), so the shipped model carries no study switch. ``eval/fmnist/study_models.py`` builds every study row from
 these. The operators' math is ``timm_ldn.diffusion``'s; only the wiring differs.
 """
 from functools import partial
@@ -73,7 +73,7 @@ class InputTimeStepDiffusion(PrimaryDiffusion):
 
 class FixedMethodDiffusion(PrimaryDiffusion):
     """The shipped step with one implementation forced (``'conv'`` or ``'shift'``) instead of the per-device rule:
-    what ``eval/diffusion_forms.py`` and ``eval/gpu_benchmark.py`` time against each other. Same math."""
+    what ``eval/speed/diffusion_forms.py`` and ``eval/speed/gpu_benchmark.py`` time against each other. Same math."""
 
     def __init__(self, dim: int, offsets: Sequence[int] = DEFAULT_OFFSETS, drop_path: float = 0.,
                  method: str = 'conv', **kwargs):

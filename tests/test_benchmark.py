@@ -1,4 +1,4 @@
-"""The benchmark harness in eval/ (``python eval/benchmark.py``): timing, overrides, counting, tables, cross-check."""
+"""The benchmark harness in eval/ (``python eval/speed/benchmark.py``): timing, overrides, counting, tables, cross-check."""
 import argparse
 import json
 import math
@@ -10,9 +10,9 @@ import torch
 from timm.utils import ParseKwargs
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / 'eval'))
+sys.path[:0] = [str(ROOT / 'eval' / d) for d in ('fmnist', 'speed')] + [str(ROOT / 'eval')]
 import bench_harness as H  # noqa: E402
-import benchmark as eval_benchmark  # noqa: E402  eval/benchmark.py
+import benchmark as eval_benchmark  # noqa: E402  eval/speed/benchmark.py
 
 
 def test_fit_exponent_recovers_power_law() -> None:
@@ -54,7 +54,7 @@ def _parse_kwargs(items):
 
 
 def test_model_kwargs_literals_and_round_trip() -> None:
-    """eval/benchmark.py reads --model-kwargs as timm does; kwargs_to_args writes them back for timm's script."""
+    """eval/speed/benchmark.py reads --model-kwargs as timm does; kwargs_to_args writes them back for timm's script."""
     parser = argparse.ArgumentParser()
     eval_benchmark.add_arguments(parser)
     kwargs = parser.parse_args(['--model-kwargs', 'mlp_dwconv=True', 'diffusion_offsets=(1, 2)',
@@ -83,8 +83,8 @@ def test_quick_benchmark_writes_results(tmp_path) -> None:
     assert math.isfinite(result['train']['speedup'][0])
     assert set(result['exponents']) == {'ldn_tiny', 'deit_tiny_patch16_224'}
     assert result['environment']['model_kwargs'] == {'depth': 6} and result['environment']['clock'] == 'wall'
-    assert result['command'] == 'python eval/benchmark.py --quick --model-kwargs depth=6'
-    assert (out / 'smoke.md').read_text().startswith('`python eval/benchmark.py --quick')
+    assert result['command'] == 'python eval/speed/benchmark.py --quick --model-kwargs depth=6'
+    assert (out / 'smoke.md').read_text().startswith('`python eval/speed/benchmark.py --quick')
 
 
 FAKE_TIMM_BENCHMARK = '''

@@ -9,7 +9,7 @@ import timm
 import timm_ldn  # noqa: F401
 from timm_ldn.profiling import count_cost
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eval'))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / 'eval' / d) for d in ('fmnist', 'speed', '')]
 from ablations import SoftmaxDiffusionAttention  # noqa: E402  the exact (quadratic) kernel of the block study
 
 PAIRS = [('ldn_tiny', 'deit_tiny_patch16_224'), ('ldn_small', 'deit_small_patch16_224'),

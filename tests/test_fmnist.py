@@ -19,7 +19,7 @@ from timm.data import create_transform, resolve_data_config
 import timm_ldn  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / 'eval'))
+sys.path[:0] = [str(ROOT / 'eval' / d) for d in ('fmnist', 'speed')] + [str(ROOT / 'eval')]
 import fmnist_data  # noqa: E402
 
 MODEL = 'ldn_nano_patch4_28'
@@ -195,7 +195,7 @@ def test_pretrained_true_works_offline_from_the_shipped_copy(tmp_path, tag):
         torch.testing.assert_close(loaded[k], v, rtol=0, atol=0, msg=k)
 
 
-# --- the in-memory training input path (eval/fmnist_tensors.py) ------------------------------------------------
+# --- the in-memory training input path (eval/fmnist/fmnist_tensors.py) ------------------------------------------------
 
 import fmnist_tensors  # noqa: E402
 
@@ -260,7 +260,7 @@ def test_in_memory_splits_match_the_imagefolder_splits():
     assert torch.bincount(val_labels).tolist() == [500] * 10  # the stratified hold-out of fmnist_data.py
 
 
-# --- the block study's rows (eval/block_study.py) ------------------------------------------------------------
+# --- the block study's rows (eval/fmnist/block_study.py) ------------------------------------------------------------
 
 import block_study  # noqa: E402
 import train_fmnist  # noqa: E402

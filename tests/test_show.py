@@ -14,7 +14,7 @@ from timm_ldn.cli import main as ldn_main
 from timm_ldn.diffusion import diffusion_attention_reference, grid_diameter
 
 ROOT = Path(__file__).resolve().parents[1]
-VIT = f'{ROOT / "eval" / "study_models.py"}:vit_nano_patch4_28'  # the block study's same-size ViT
+VIT = f'{ROOT / "eval" / "fmnist" / "study_models.py"}:vit_nano_patch4_28'  # the block study's same-size ViT
 
 MODEL = 'ldn_nano_patch4_28'  # patch 4, offsets (1, 2), 6 blocks, 2 heads, 1 channel
 
@@ -151,9 +151,9 @@ def test_baseline_checkpoint_is_loaded(tmp_path):
 
 
 def test_baseline_from_a_file_gives_the_cct_erf(tmp_path):
-    """A model class outside timm's registry (the study's CCT, eval/study_models.py:cct_tok32) is a baseline too:
+    """A model class outside timm's registry (the study's CCT, eval/fmnist/study_models.py:cct_tok32) is a baseline too:
     its checkpoint loads strictly and its ERF is measured on the same token grid as LDN's."""
-    spec = f'{ROOT / "eval" / "study_models.py"}:cct_tok32'
+    spec = f'{ROOT / "eval" / "fmnist" / "study_models.py"}:cct_tok32'
     cct = V.create_baseline(spec)
     path = tmp_path / 'cct.pth'
     torch.save(cct.state_dict(), path)
@@ -163,7 +163,7 @@ def test_baseline_from_a_file_gives_the_cct_erf(tmp_path):
     assert erf.grid == (7, 7) and erf.token_maps.shape == (6, 1, 7, 7)
     assert erf.token_fraction(0.)[0] == 1.  # softmax attention: every token from the first block
     with pytest.raises(ValueError, match='does not fit'):
-        V.create_baseline(f'{ROOT / "eval" / "study_models.py"}:CompactConvTransformer', path)  # MLP ratio 4
+        V.create_baseline(f'{ROOT / "eval" / "fmnist" / "study_models.py"}:CompactConvTransformer', path)  # MLP ratio 4
     with pytest.raises(ValueError, match='Cannot import baseline .*no file'):
         V.create_baseline('eval/no_such_file.py:cct_tok32')
     with pytest.raises(ValueError, match='Cannot import baseline'):
@@ -223,7 +223,7 @@ def test_cli_unreadable_image(tmp_path, capsys):
 def test_pictures_read_layer_variants():
     """The pictures read the model's layers, whichever are plugged in (the study's ablations, eval/ablations.py):
     Theorem 1 still at the diameter for a pre-norm K branch, A_diff rows exact for another φ, no A_diff named."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'eval'))
+    sys.path[:0] = [str(Path(__file__).resolve().parent.parent / 'eval' / d) for d in ('fmnist', 'speed', '')]
     import ablations
     from functools import partial
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The Fashion-MNIST study rows (``eval/study_models.py``) and their layers keep the spec's properties.
+"""The Fashion-MNIST study rows (``eval/fmnist/study_models.py``) and their layers keep the spec's properties.
 
 * every row of ``ROWS`` builds, trains (every parameter that can learn gets a gradient) and holds the nano budget;
   ``ldn_v2`` is the shipped default, ``ldn_base`` the layout-v1 block;
@@ -24,7 +24,7 @@ from timm_ldn.ldn import ConvTokenizer, DiffusionAttention, DwConvMlp, LdnBlock
 from timm_ldn.profiling import count_cost
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / 'eval'))
+sys.path[:0] = [str(ROOT / 'eval' / d) for d in ('fmnist', 'speed')] + [str(ROOT / 'eval')]
 import ablations  # noqa: E402
 import study_models  # noqa: E402
 

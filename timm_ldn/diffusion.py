@@ -139,7 +139,7 @@ def diffusion_step(
       13 taps where the conv has ``k² = 81``; out-of-grid neighbours have no slice, and the centre weight carries
       the no-flux rule. A hand-written backward (the step is symmetric). CPU, eager and compiled.
 
-    Measured on this 2-core CPU in the whole ldn_small (``python eval/diffusion_forms.py``): see
+    Measured on this 2-core CPU in the whole ldn_small (``python eval/speed/diffusion_forms.py``): see
     ``eval/results/diffusion_forms.md``.
     """
     if method == 'auto':

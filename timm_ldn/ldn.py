@@ -617,10 +617,10 @@ default_cfgs = generate_default_cfgs({
     'ldn_base': _cfg(),
     # 28 px grayscale (Fashion-MNIST): patch 4 -> 7x7 tokens; mean/std of the Fashion-MNIST training pixels,
     # crop_pct 1.0 so the eval transform is the identity on 28x28 images. Weights in weights/ (shipped copies).
-    # fmnist_v2: 40 epochs of the block study (eval/block_study.py)
+    # fmnist_v2: 40 epochs of the block study (eval/fmnist/block_study.py)
     'ldn_nano_patch4_28.fmnist_v2': _cfg(hf_hub_id=hub_id('ldn_nano_patch4_28.fmnist_v2'), **_FMNIST_CFG),
-    # the conv-tokenizer variant (tokenizer study, eval/study_models.py); its first conv is the tokenizer's.
-    # fmnist: 40 epochs of the tokenizer finals (eval/block_study.py, row ldn_convtok, seed 2)
+    # the conv-tokenizer variant (tokenizer study, eval/fmnist/study_models.py); its first conv is the tokenizer's.
+    # fmnist: 40 epochs of the tokenizer finals (eval/fmnist/block_study.py, row ldn_convtok, seed 2)
     'ldn_nano_convtok_28.fmnist': _cfg(
         hf_hub_id=hub_id('ldn_nano_convtok_28.fmnist'), first_conv='patch_embed.stages.0', **_FMNIST_CFG),
 })

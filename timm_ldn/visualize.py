@@ -57,12 +57,12 @@ def _import_callable(spec: str) -> Callable[[], nn.Module]:
     except (ImportError, AttributeError, FileNotFoundError) as e:
         raise ValueError(
             f'Cannot import baseline {spec!r} ({e}). Give FILE.py:NAME or package.module:NAME, e.g. '
-            'eval/study_models.py:CompactConvTransformer.') from e
+            'eval/fmnist/study_models.py:CompactConvTransformer.') from e
 
 
 def create_baseline(name: str, checkpoint: Optional[Union[str, Path]] = None) -> nn.Module:
     """A baseline by timm model name, or ``FILE.py:NAME`` / ``package.module:NAME`` of a model class or factory
-    (built with its defaults, e.g. the studies' ``eval/study_models.py:vit_nano_patch4_28``), with the weights of
+    (built with its defaults, e.g. the studies' ``eval/fmnist/study_models.py:vit_nano_patch4_28``), with the weights of
     ``checkpoint`` if given.
 
     ``checkpoint``: a bare state dict (``.pth`` / ``.safetensors``) or a timm ``train.py`` checkpoint (EMA weights
@@ -77,7 +77,7 @@ def create_baseline(name: str, checkpoint: Optional[Union[str, Path]] = None) ->
         if not timm.is_model(name):
             raise ValueError(
                 f'Unknown baseline {name!r}. Pass a timm model name, or a model class / factory as FILE.py:NAME / '
-                'package.module:NAME (built with its default arguments), e.g. eval/study_models.py:vit_nano_patch4_28.')
+                'package.module:NAME (built with its default arguments), e.g. eval/fmnist/study_models.py:vit_nano_patch4_28.')
         model = timm.create_model(name, pretrained=False)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():

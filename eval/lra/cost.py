@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'speed'))
 from bench_harness import live_peak_mb as peak_mb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / 'results' / 'lra'

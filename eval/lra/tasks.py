@@ -7,7 +7,7 @@ Fashion-MNIST.
   50k / 2k / 5k train / validation / test, seed 0. Token ids, 0 = padding.
 * ``sfmnist``: each Fashion-MNIST image as 784 pixel steps, one feature each (LRA's Image task on our data),
   normalised with the training-pixel mean / std; train = the train split minus the 5k validation hold-out of
-  ``eval/fmnist_data.py``, test = the official 10k.
+  ``eval/fmnist/fmnist_data.py``, test = the official 10k.
 * ``psfmnist``: the same with one fixed permutation of the 784 positions (seed 0): no locality left, so only
   global mixing can solve it.
 """
@@ -22,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / 'fmnist'))  # fmnist_tensors: the pixel tasks' Fashion-MNIST splits
 import listops  # noqa: E402
 
 DATA = HERE.parent / 'data' / 'lra'

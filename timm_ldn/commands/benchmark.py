@@ -7,7 +7,7 @@ timm's convention (``timm.utils.ParseKwargs``, values read as Python literals). 
 ``--json PATH`` is given (``--json`` alone prints the result as JSON instead of the text line).
 
 The LDN-vs-DeiT tables of the README (round-robin timing, peak memory, exponents, timm's benchmark.py
-cross-check) come from ``python eval/benchmark.py`` in a source checkout.
+cross-check) come from ``python eval/speed/benchmark.py`` in a source checkout.
 """
 import argparse
 import json

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--img-size', type=int, help='input size (default: the model\'s pretrained cfg)')
     parser.add_argument('--baseline', metavar='NAME',
                         help='baseline for the ERF curve: a timm model, or a model class / factory as FILE.py:NAME / '
-                             'package.module:NAME (e.g. eval/study_models.py:vit_nano_patch4_28)')
+                             'package.module:NAME (e.g. eval/fmnist/study_models.py:vit_nano_patch4_28)')
     parser.add_argument('--baseline-checkpoint', metavar='FILE',
                         help='trained baseline weights (state dict or train.py checkpoint); without it the baseline '
                              'is random init and labelled "untrained"')

@@ -1,16 +1,16 @@
 """Benchmark LDN against timm peers in one process (the README's speed tables; pieces in bench_harness.py).
 
-    python eval/benchmark.py                     # all cores, wall clock (what users see) -> eval/results/benchmark_cpu.*
-    python eval/benchmark.py --threads 1         # second view: 1 thread, process CPU time -> benchmark_cpu_1thread.*
-    python eval/benchmark.py --mode compile      # torch.compile (inductor), both models -> benchmark_cpu_compile.*
-    python eval/benchmark.py --mode bf16         # bf16 autocast, both models -> benchmark_cpu_bf16.*
-    python eval/benchmark.py --timm-benchmark /path/to/timm/benchmark.py   # timm's own script -> benchmark_timm.*
-    python eval/benchmark.py --model-kwargs mlp_ratio=3.5 --name cand    # a candidate block, same tables
-    python eval/benchmark.py --quick             # smoke run in seconds
-    python eval/benchmark.py --profile           # torch.profiler top ops, LDN-S vs DeiT-S -> benchmark_profile*.md
+    python eval/speed/benchmark.py                     # all cores, wall clock (what users see) -> eval/results/benchmark_cpu.*
+    python eval/speed/benchmark.py --threads 1         # second view: 1 thread, process CPU time -> benchmark_cpu_1thread.*
+    python eval/speed/benchmark.py --mode compile      # torch.compile (inductor), both models -> benchmark_cpu_compile.*
+    python eval/speed/benchmark.py --mode bf16         # bf16 autocast, both models -> benchmark_cpu_bf16.*
+    python eval/speed/benchmark.py --timm-benchmark /path/to/timm/benchmark.py   # timm's own script -> benchmark_timm.*
+    python eval/speed/benchmark.py --model-kwargs mlp_ratio=3.5 --name cand    # a candidate block, same tables
+    python eval/speed/benchmark.py --quick             # smoke run in seconds
+    python eval/speed/benchmark.py --profile           # torch.profiler top ops, LDN-S vs DeiT-S -> benchmark_profile*.md
 
 One model on your own machine, from the installed package: ``ldn benchmark MODEL``.
-Why the measurements are taken the way they are: the docstring of eval/bench_harness.py.
+Why the measurements are taken the way they are: the docstring of eval/speed/bench_harness.py.
 """
 import argparse
 import os
@@ -23,7 +23,7 @@ from timm.utils import ParseKwargs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_harness as H  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='torch CPU threads; 0 (default) = all cores, what users see (see bench_harness.py)')
     parser.add_argument('--clock', choices=sorted(H.CLOCKS), default=None,
                         help="timer: 'wall' (default) or 'cpu' (process CPU time, default with --threads 1)")
-    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (GPU tables: eval/gpu_benchmark.py)")
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (GPU tables: eval/speed/gpu_benchmark.py)")
     parser.add_argument('--no-train', action='store_true', help='skip the training-step comparison')
     parser.add_argument('--train-batch', type=int, default=8)
     parser.add_argument('--timm-benchmark', default=None, metavar='PATH',
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run (recorded in the result files)."""
-    parts = ['python eval/benchmark.py']
+    parts = ['python eval/speed/benchmark.py']
     if args.quick:
         parts.append('--quick')
     if args.mode != 'eager':

@@ -1,6 +1,6 @@
 """The README's speed table: ldn_* vs DeiT from the committed benchmark result files, with issue 11's targets.
 
-    python eval/speed_summary.py        # reads eval/results/benchmark_cpu*.json, benchmark_timm.json
+    python eval/speed/speed_summary.py        # reads eval/results/benchmark_cpu*.json, benchmark_timm.json
                                         # -> eval/results/speed_summary.md
 
 It measures nothing: rerun the benchmarks (commands in each row) on an idle machine first.
@@ -9,12 +9,12 @@ import json
 import os
 from typing import Dict, Optional, Tuple
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results')
 VIEWS = (  # file stem, label, command
-    ('benchmark_cpu', 'eager fp32, all cores', 'python eval/benchmark.py'),
-    ('benchmark_cpu_compile', 'torch.compile (inductor), all cores', 'python eval/benchmark.py --mode compile'),
-    ('benchmark_cpu_bf16', 'bf16 autocast, all cores', 'python eval/benchmark.py --mode bf16'),
-    ('benchmark_cpu_1thread', 'eager fp32, 1 thread (CPU time)', 'python eval/benchmark.py --threads 1 --sizes small'),
+    ('benchmark_cpu', 'eager fp32, all cores', 'python eval/speed/benchmark.py'),
+    ('benchmark_cpu_compile', 'torch.compile (inductor), all cores', 'python eval/speed/benchmark.py --mode compile'),
+    ('benchmark_cpu_bf16', 'bf16 autocast, all cores', 'python eval/speed/benchmark.py --mode bf16'),
+    ('benchmark_cpu_1thread', 'eager fp32, 1 thread (CPU time)', 'python eval/speed/benchmark.py --threads 1 --sizes small'),
 )
 CASES = ((224, 8), (512, 2), (1024, 1))
 TARGETS = {'benchmark_cpu': (1.05, 1.6, 3.2, 1.05), 'benchmark_cpu_compile': (1.0, 1.5, 3.0, None)}

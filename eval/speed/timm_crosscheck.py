@@ -1,9 +1,9 @@
-"""Cross-check of ``eval/benchmark.py`` against timm's own ``benchmark.py`` (``python eval/benchmark.py
+"""Cross-check of ``eval/speed/benchmark.py`` against timm's own ``benchmark.py`` (``python eval/speed/benchmark.py
 --timm-benchmark PATH``).
 
 ``benchmark.py`` lives in a timm checkout, not in the installed package (nor in the PyPI sdist); pass its path.
 It is run unmodified, one process per model and case, with the LDN and DeiT processes alternating over rounds
-(the machine is shared); a ratio is taken per round and the median reported, as in ``eval/benchmark.py``. Each
+(the machine is shared); a ratio is taken per round and the median reported, as in ``eval/speed/benchmark.py``. Each
 process uses all cores (timm's default). DeiT at a resolution other than 224 needs ``--model-kwargs
 img_size=R`` (its position embedding is fixed); the first run of each such case records what happens without it.
 """
@@ -97,7 +97,7 @@ def run_crosscheck(script: str, out_dir: str, stem: str, quick: bool = False, ro
         rows.append(row)
         print(json.dumps(row))
     result = dict(rows=rows, script=os.path.abspath(script), rounds=rounds, iters=dict(warm=iters[0], bench=iters[1]),
-                  command='python eval/benchmark.py --timm-benchmark PATH/TO/timm/benchmark.py',
+                  command='python eval/speed/benchmark.py --timm-benchmark PATH/TO/timm/benchmark.py',
                   time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
     try:
         result['load_avg'] = os.getloadavg()
@@ -108,7 +108,7 @@ def run_crosscheck(script: str, out_dir: str, stem: str, quick: bool = False, ro
         json.dump(result, f, indent=1)
     lines = [f"timm's `benchmark.py` (`--device cpu`, all cores, {iters[0]} warm-up + {iters[1]} timed steps per "
              f'process), LDN and DeiT processes alternating over {rounds} rounds; ratio = median of per-round '
-             "LDN/DeiT img/s. 'ours' = the same case in `benchmark_cpu.json` (`python eval/benchmark.py`).", '',
+             "LDN/DeiT img/s. 'ours' = the same case in `benchmark_cpu.json` (`python eval/speed/benchmark.py`).", '',
              '| case | LDN img/s | DeiT img/s | timm benchmark.py LDN/DeiT (min–max) | ours | disagreement |',
              '|---|---|---|---|---|---|']
     for r in rows:

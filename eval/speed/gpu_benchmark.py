@@ -2,11 +2,11 @@
 
 One command (H200, < 5 min; writes eval/results/gpu_benchmark.json and prints the table):
 
-    python eval/gpu_benchmark.py
+    python eval/speed/gpu_benchmark.py
 
 Smoke test on any machine (CPU, tiny models, dynamo capture with the eager backend, seconds; nothing is written to eval/results):
 
-    python eval/gpu_benchmark.py --dry-run
+    python eval/speed/gpu_benchmark.py --dry-run
 
 What it measures, per model pair (LDN and the DeiT of the same size, created with ``img_size`` = resolution):
 
@@ -31,6 +31,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ablations import FixedMethodDiffusion  # noqa: E402
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
                peak_tflops=args.peak_tflops, wall_s=time.perf_counter() - t0,
                time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-               command='python eval/gpu_benchmark.py' + (' --sweep' if args.sweep else ''))
+               command='python eval/speed/gpu_benchmark.py' + (' --sweep' if args.sweep else ''))
     result = dict(environment=env, rows=rows)
     heads = [r for r in rows if r['model'].startswith('ldn_small') and r['resolution'] == 224 and r['compiled']]
     head = max(heads, key=lambda r: r['img_s']) if heads else None  # the faster diffusion-step implementation

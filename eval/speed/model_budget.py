@@ -1,6 +1,6 @@
 """Params / GMACs / activations of the LDN variants next to the DeiTs they must not exceed (the budgets of docs/contract.md).
 
-    python eval/model_budget.py            # prints the table, writes eval/results/model_budget.{json,md}
+    python eval/speed/model_budget.py            # prints the table, writes eval/results/model_budget.{json,md}
 
 Counted with ``timm_ldn.profiling.count_cost`` on the meta device at 224 px, the same counter for every model
 (attention as explicit matmuls, so SDPA is not silently skipped).
@@ -48,7 +48,7 @@ def to_markdown(rows: list) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'model_budget'))
+    parser.add_argument('--out', default=str(Path(__file__).resolve().parents[1] / 'results' / 'model_budget'))
     args = parser.parse_args()
     rows = measure(args.img_size)
     table = to_markdown(rows)
@@ -57,7 +57,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix('.json').write_text(json.dumps(rows, indent=2) + '\n')
     out.with_suffix('.md').write_text(
-        f'Measured at {args.img_size} px by `python eval/model_budget.py` (meta device, timm {timm.__version__}, '
+        f'Measured at {args.img_size} px by `python eval/speed/model_budget.py` (meta device, timm {timm.__version__}, '
         f'torch {torch.__version__}).\n\n{table}\n')
 
 

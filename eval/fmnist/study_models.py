@@ -4,8 +4,10 @@ One builder (:func:`build_model`) for the training driver, the study report, the
 A row is a registered timm model plus architecture overrides; overrides are plain values or layer types (the
 ablations in ``eval/ablations.py``, the conv tokenizer of ``timm_ldn``), never switches on the shipped model.
 """
+import sys
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
@@ -18,7 +20,8 @@ from timm.models.vision_transformer import Block
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 from timm_ldn.ldn import ConvTokenizer
 
-import ablations
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: the layers shared with eval/lra/
+import ablations  # noqa: E402
 
 LDN = 'ldn_nano_patch4_28'
 # the block the study started from (parameter layout v1): a plain MLP of ratio 4 as F
@@ -144,7 +147,7 @@ class CompactConvTransformer(nn.Module):
 # Baselines by name: a timm entry point with its architecture overridden, or a class defined here.
 BASELINES: Dict[str, Dict[str, Any]] = {
     # the same-size ViT of the small-image LDN variants (ERF pictures: ldn show --baseline
-    # eval/study_models.py:vit_nano_patch4_28)
+    # eval/fmnist/study_models.py:vit_nano_patch4_28)
     'vit_nano_patch4_28': dict(entry='vit_tiny_patch16_224', patch_size=4, img_size=28, embed_dim=64, depth=6,
                                num_heads=2, mlp_ratio=4.),
     # same-params CNN: timm's ResNet-10-T (deep tiered stem, avg-down) narrowed to 0.31 M params; output stride 8
@@ -181,5 +184,5 @@ def vit_nano_patch4_28() -> nn.Module:
 
 def cct_tok32() -> nn.Module:
     """The tokenizer study's CCT row at Fashion-MNIST's classes / channels: the ERF baseline of
-    ``ldn show --baseline eval/study_models.py:cct_tok32`` (weights via ``--baseline-checkpoint``)."""
+    ``ldn show --baseline eval/fmnist/study_models.py:cct_tok32`` (weights via ``--baseline-checkpoint``)."""
     return build_model('cct_tok32', num_classes=10, in_chans=1)

@@ -1,6 +1,6 @@
 """Minor page faults per inference call, LDN-S vs DeiT-S, each in a fresh process (as timm's benchmark.py runs).
 
-    python eval/page_faults.py        # -> eval/results/page_faults.{md,json}
+    python eval/speed/page_faults.py        # -> eval/results/page_faults.{md,json}
 
 glibc hands large freed blocks back to the kernel, so every call re-faults its big temporaries. Each model runs in
 its own process with glibc's defaults and again with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` raised
@@ -54,10 +54,10 @@ def main() -> None:
                          **run(name, res, batch, keep))
                 rows.append(r)
                 print(r, flush=True)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results')
     with open(os.path.join(out_dir, 'page_faults.json'), 'w') as f:
         json.dump(dict(rows=rows, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), env=KEEP), f, indent=1)
-    lines = ['# Page faults per inference call, fresh process per model (`python eval/page_faults.py`)', '',
+    lines = ['# Page faults per inference call, fresh process per model (`python eval/speed/page_faults.py`)', '',
              '`kept` = `MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000` (glibc keeps freed '
              'memory instead of returning it to the kernel).', '',
              '| model | px | batch | malloc | ms per call | minor faults per call |', '|---|---|---|---|---|---|']

@@ -2,14 +2,14 @@
 
 timm's ``train.py`` is not part of the pip package, so this short driver calls exactly the pieces it uses:
 ``create_dataset`` / ``create_loader`` (timm transforms), ``create_optimizer_v2``, ``create_scheduler_v2``,
-``ModelEmaV3`` and ``CheckpointSaver``. The recipe is a train.py-format yaml (``eval/recipes/fmnist.yaml``),
+``ModelEmaV3`` and ``CheckpointSaver``. The recipe is a train.py-format yaml (``eval/fmnist/recipes/fmnist.yaml``),
 applied identically to both models.
 
-    python eval/fmnist_data.py                                   # once: ImageFolder tree in eval/data/fmnist
-    nice -n 19 python eval/train_fmnist.py --model ldn_nano_patch4_28
-    nice -n 19 python eval/train_fmnist.py --model vit_nano_patch4_28      # baseline (eval/study_models.py BASELINES)
-    nice -n 19 python eval/train_fmnist.py --model ldn_nano_patch4_28 --resume   # continue after interruption
-    python eval/train_fmnist.py --summarize ldn_nano_patch4_28 vit_nano_patch4_28  # results json/csv/png
+    python eval/fmnist/fmnist_data.py                                   # once: ImageFolder tree in eval/data/fmnist
+    nice -n 19 python eval/fmnist/train_fmnist.py --model ldn_nano_patch4_28
+    nice -n 19 python eval/fmnist/train_fmnist.py --model vit_nano_patch4_28      # baseline (eval/fmnist/study_models.py BASELINES)
+    nice -n 19 python eval/fmnist/train_fmnist.py --model ldn_nano_patch4_28 --resume   # continue after interruption
+    python eval/fmnist/train_fmnist.py --summarize ldn_nano_patch4_28 vit_nano_patch4_28  # results json/csv/png
 
 Per run (``eval/runs/<model>/``): ``last.pth.tar`` / ``model_best.pth.tar`` (CheckpointSaver), ``log.csv``
 (one row per epoch). After the last epoch the best-on-validation weights (raw or EMA, whichever validates
@@ -40,13 +40,14 @@ from timm.utils import CheckpointSaver, ModelEmaV3, ParseKwargs, accuracy
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 from timm_ldn.profiling import count_cost
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import fmnist_tensors  # noqa: E402
 import study_models  # noqa: E402
 
-EVAL_DIR = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+EVAL_DIR = HERE.parent
 ROOT = EVAL_DIR.parent
-DEFAULT_RECIPE = EVAL_DIR / 'recipes' / 'fmnist.yaml'
+DEFAULT_RECIPE = HERE / 'recipes' / 'fmnist.yaml'
 RUNS_DIR = EVAL_DIR / 'runs'
 RESULTS_DIR = EVAL_DIR / 'results'
 
@@ -56,7 +57,7 @@ def load_recipe(path: Path) -> Dict[str, Any]:
 
 
 def build_model(name: str, recipe: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """A study row, baseline or registered model (``eval/study_models.py``) with the recipe's classes / channels.
+    """A study row, baseline or registered model (``eval/fmnist/study_models.py``) with the recipe's classes / channels.
 
     ``model_kwargs`` override architecture arguments on top (e.g. ``mlp_ratio=3.5``).
     """
@@ -77,7 +78,7 @@ def make_loader(recipe: Dict[str, Any], split: str, training: bool, batch_size: 
     if not root.is_absolute():
         root = ROOT / root
     if not (root / split).is_dir():
-        raise FileNotFoundError(f'{root / split} missing: run `python eval/fmnist_data.py` first.')
+        raise FileNotFoundError(f'{root / split} missing: run `python eval/fmnist/fmnist_data.py` first.')
     ds = create_dataset(
         recipe['dataset'], root=str(root), split=split, is_training=training,
         input_img_mode=recipe['input_img_mode'])
@@ -463,7 +464,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', type=Path, default=DEFAULT_RECIPE, help='train.py-format recipe yaml')
     p.add_argument('--model', help='a study row, a baseline (' + ', '.join(study_models.BASELINES)
-                   + ') or a registered ldn_* model; rows: eval/study_models.py ROWS')
+                   + ') or a registered ldn_* model; rows: eval/fmnist/study_models.py ROWS')
     p.add_argument('--experiment', default='', help='run folder name under eval/runs (default: model name)')
     p.add_argument('--resume', nargs='?', const='auto', default='',
                    help='continue from eval/runs/<run>/last.pth.tar (or a given checkpoint)')

@@ -10,7 +10,7 @@ Source: the Debian package ``dataset-fashion-mnist`` (IDX files, optionally gzip
 Class folders are prefixed with the label index (``0_tshirt_top`` …) so that the alphabetical folder order
 timm's ImageFolder parser uses is exactly the Fashion-MNIST label order.
 
-Usage: ``python eval/fmnist_data.py [--src DIR] [--out DIR] [--val-per-class 500]``
+Usage: ``python eval/fmnist/fmnist_data.py [--src DIR] [--out DIR] [--val-per-class 500]``
 """
 import argparse
 import gzip
@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 DEFAULT_SRC = Path('/usr/share/datasets/fashion-mnist')
-DEFAULT_OUT = Path(__file__).resolve().parent / 'data' / 'fmnist'
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / 'data' / 'fmnist'
 APT_HINT = 'apt-get update && apt-get install -y dataset-fashion-mnist'
 
 # label order of the official dataset; index prefix keeps ImageFolder's sorted order == label order

@@ -1,8 +1,8 @@
 """Evaluate shipped Fashion-MNIST weights the way a user loads them, on the 10k test set.
 
-    python eval/eval_fmnist.py                                   # ldn_nano_convtok_28.fmnist, shipped copy
-    python eval/eval_fmnist.py --model ldn_nano_patch4_28.fmnist_v2 --file weights/ldn_nano_patch4_28.fmnist_v2/model.safetensors
-    python eval/eval_fmnist.py --hub                             # plain pretrained=True (Hub download)
+    python eval/fmnist/eval_fmnist.py                                   # ldn_nano_convtok_28.fmnist, shipped copy
+    python eval/fmnist/eval_fmnist.py --model ldn_nano_patch4_28.fmnist_v2 --file weights/ldn_nano_patch4_28.fmnist_v2/model.safetensors
+    python eval/fmnist/eval_fmnist.py --hub                             # plain pretrained=True (Hub download)
 
 Model: ``timm.create_model(NAME, pretrained=True)``; the weight file is the sha256-verified copy in
 ``weights/`` that the manifest lists (``local_file``), handed to timm as ``pretrained_cfg_overlay=dict(file=...)``
@@ -25,7 +25,8 @@ from timm.data import create_dataset, create_transform, resolve_data_config
 
 import timm_ldn  # noqa: F401  registers ldn_* with timm
 
-EVAL_DIR = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+EVAL_DIR = HERE.parent
 DEFAULT_MODEL = 'ldn_nano_convtok_28.fmnist'  # the README main job's model
 DEFAULT_DATA = EVAL_DIR / 'data' / 'fmnist'
 RESULTS_DIR = EVAL_DIR / 'results'
@@ -52,7 +53,7 @@ def evaluate(model: torch.nn.Module, data_dir: Path, split: str, batch_size: int
     transform = create_transform(**cfg)  # timm's standard eval transform for this pretrained cfg
     root = Path(data_dir)
     if not (root / split).is_dir():
-        raise FileNotFoundError(f'{root / split} missing: run `python eval/fmnist_data.py` first.')
+        raise FileNotFoundError(f'{root / split} missing: run `python eval/fmnist/fmnist_data.py` first.')
     ds = create_dataset(
         '', root=str(root), split=split, transform=transform,
         input_img_mode='L' if cfg['input_size'][0] == 1 else 'RGB')
@@ -102,7 +103,7 @@ def write_samples(model: torch.nn.Module, out: Path, subset: int = 2000) -> Dict
     images read straight from the IDX file: tests/test_fmnist.py checks the shipped weights against both.
     """
     from PIL import Image
-    sys.path.insert(0, str(EVAL_DIR))
+    sys.path[:0] = [str(HERE), str(EVAL_DIR)]
     import fmnist_data
     images, labels = fmnist_data.load_split(fmnist_data.DEFAULT_SRC, 'test')
     tf = create_transform(**resolve_data_config({}, model=model))

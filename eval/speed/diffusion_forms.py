@@ -1,6 +1,6 @@
 """Time the two implementations of the primary-diffusion step (``diffusion_step``'s ``method``) on CPU.
 
-    python eval/diffusion_forms.py            # 1 thread and all cores -> eval/results/diffusion_forms.{md,json}
+    python eval/speed/diffusion_forms.py            # 1 thread and all cores -> eval/results/diffusion_forms.{md,json}
 
 Two views, both wall clock on an idle machine (on shared cores the multi-threaded figures measure the neighbours):
 
@@ -25,7 +25,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 from timm_ldn.diffusion import DEFAULT_OFFSETS, diffusion_coefficients, diffusion_step, stencil_basis
 
@@ -132,7 +132,7 @@ def markdown_model(rows: List[Dict[str, object]]) -> str:
 
 def markdown(rows: List[Dict[str, object]]) -> str:
     lines = ['# Primary-diffusion step: conv vs shift (ms, best of 5, wall clock)', '',
-             'Regenerate on an idle machine: `python eval/diffusion_forms.py`. ldn_small shapes (C=384, offsets '
+             'Regenerate on an idle machine: `python eval/speed/diffusion_forms.py`. ldn_small shapes (C=384, offsets '
              '1, 2, 4). `auto` picks `shift` on CPU (eager and compiled), `conv` on GPU and under tracing exporters.',
              '',
              '| threads | px | batch | grid | ' + ' | '.join(f'{m} fwd' for m in METHODS) + ' | '
@@ -150,7 +150,7 @@ def markdown(rows: List[Dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out-dir', default=os.path.join(os.path.dirname(__file__), 'results'))
+    parser.add_argument('--out-dir', default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results'))
     args = parser.parse_args()
     all_cores = len(os.sched_getaffinity(0))
     rows, model_rows = [], []

@@ -1,4 +1,4 @@
-"""The measurement pieces of ``python eval/benchmark.py``: LDN vs timm peers, side by side in one process.
+"""The measurement pieces of ``python eval/speed/benchmark.py``: LDN vs timm peers, side by side in one process.
 
 Design (why each choice):
 
@@ -436,7 +436,7 @@ def plot_results(result: dict, path: str) -> Optional[str]:
 def markdown_table(result: dict) -> str:
     """The LDN-vs-DeiT ratio table that README / MODEL_CARD quote."""
     env = result.get('environment', {})
-    lines = [f"`{result.get('command', 'python eval/benchmark.py')}`: {env.get('threads', '?')} thread(s), "
+    lines = [f"`{result.get('command', 'python eval/speed/benchmark.py')}`: {env.get('threads', '?')} thread(s), "
              f"{env.get('clock', '?')} clock, mode {env.get('mode', 'eager')}, load average "
              f"{', '.join(f'{v:.1f}' for v in env.get('load_avg', ()))} at the end; 'vs DeiT' is the median of "
              'per-round ratios of DeiT time / model time (min–max over rounds).', '',
@@ -494,7 +494,7 @@ def run_profiles(device: torch.device, out_path: str, model_kwargs: Optional[Map
     """Where the time goes for the issue-5 targets: LDN-S vs DeiT-S at 224/512/1024 and the training step."""
     parts = [f'# torch.profiler top ops, {torch.get_num_threads()} CPU thread(s), '
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", '',
-             'Regenerate: `python eval/benchmark.py --profile`.', '']
+             'Regenerate: `python eval/speed/benchmark.py --profile`.', '']
     for res, batch, train in plan:
         for name in PAIRS[size]:
             parts += [profile_top_ops(name, res, batch, device, train, model_kwargs=model_kwargs), '']

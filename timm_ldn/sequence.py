@@ -150,27 +150,36 @@ class ImplicitPathDiffusion(nn.Module):
         return torch.sigmoid(self.tau + self.step_up(self.step_down(u)))
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        drift = self.drift if self.drift is not None else torch.zeros_like(self.log_scale)
-        avg = path_exponential_diffusion(x, self.log_scale + drift, self.log_scale - drift, padding_mask)
+        left = right = self.log_scale
+        if self.drift is not None:
+            left, right = left + self.drift, right - self.drift
+        avg = path_exponential_diffusion(x, left, right, padding_mask)
         return x + self.drop_path(self.step_fraction(x) * (avg - x))
 
 
-class TaylorDiffusionAttention(DiffusionAttention):
+class TaylorDiffusionAttention(nn.Module):
     """A_diff with the Taylor kernel ``w_ij = 1 + s_ij + s_ij²/2``, ``s_ij = q_i·k_j/√d``: the second-order form of
     softmax's ``exp(s_ij)`` (as in Based), positive for every ``s`` (``≥ 1/2``), in linear time through the feature
     map ``[1, q, q⊗q/√2]``. Rows of ``D⁻¹W − I`` sum to zero; padded tokens are no keys. (elu + 1 gives each
     query's largest weight only ~1.07x the uniform one at init; this kernel, like softmax, is sharper.)
 
-    ``qk_dim``: width of each head's q and k (default: the head width). The map has ``1 + qk_dim + qk_dim²``
+    ``qk_dim``: width of each head's q and k (8; None: the head width). The map has ``1 + qk_dim + qk_dim²``
     features per head, so, as Based does, a narrow q / k keeps the cost near the elu + 1 form's: at width 64 with
     4 heads, ``qk_dim=8`` gives 73 features where 16 would give 273.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_drop: float = 0.,
                  qk_dim: Optional[int] = 8, device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias, proj_drop, device=device, dtype=dtype)
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f'embed_dim ({dim}) must be divisible by num_heads ({num_heads}).')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qk_dim = qk_dim or self.head_dim
-        self.qkv = nn.Linear(dim, 2 * num_heads * self.qk_dim + dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.qkv = nn.Linear(dim, 2 * num_heads * self.qk_dim + dim, bias=qkv_bias, **dd)  # [q | k | v]
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         shape = x.shape

@@ -17,12 +17,9 @@ log to ``eval/checkpoints/`` (small, committed) so another machine can continue 
 import argparse
 import csv
 import json
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 EVAL_DIR = HERE.parent
@@ -35,6 +32,7 @@ STUDY_DIR = RESULTS_DIR / 'block_study'
 SNAPSHOT_FILES = (('last.pth.tar', 'last.ckpt'), ('log.csv', 'log.csv'), ('model_best.pth.tar', 'best.ckpt'))
 
 sys.path[:0] = [str(HERE), str(EVAL_DIR)]
+from runner import Snapshots, run_jobs  # noqa: E402
 from study_models import ROWS  # noqa: E402  every row: model + layer-type overrides + what it measures
 
 # schedules: the short screening proxy and the convergence run (epochs override the recipe's)
@@ -62,55 +60,24 @@ def run(stage: str, rows: List[str], seeds: List[int], jobs: int, epochs: Option
     epochs = epochs or STAGES[stage]
     todo = [(r, s) for s in seeds for r in rows if not _result_path(experiment_name(stage, r, s)).is_file()]
     print(f'{stage}: {len(todo)} runs to do ({epochs} epochs each)', flush=True)
-    running: List[Tuple[subprocess.Popen, str]] = []
-    failures = 0
-    while todo or running:
-        while todo and len(running) < jobs:
-            row, seed = todo.pop(0)
-            exp = experiment_name(stage, row, seed)
-            (RUNS_DIR / exp).mkdir(parents=True, exist_ok=True)
-            log = open(RUNS_DIR / exp / 'stdout.log', 'a')
-            proc = subprocess.Popen(
-                _command(stage, row, seed, epochs, threads), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-            running.append((proc, exp))
-            print(f'started {exp}', flush=True)
-        time.sleep(10)
-        for proc, exp in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, exp))
-                ok = proc.returncode == 0 and _result_path(exp).is_file()
-                failures += not ok
-                print(f'{"finished" if ok else "FAILED"} {exp} (rc={proc.returncode})', flush=True)
-        if snapshot:
-            save_snapshots([exp for _, exp in running])
-    return 1 if failures else 0
+    snaps = _snapshots()
+    return run_jobs([(experiment_name(stage, r, s), _command(stage, r, s, epochs, threads)) for r, s in todo],
+                    RUNS_DIR, jobs, finished=lambda exp: _result_path(exp).is_file(),
+                    on_finish=snaps.keep_log if snapshot else None, on_poll=snaps.save if snapshot else None, cwd=ROOT)
+
+
+def _snapshots() -> Snapshots:
+    return Snapshots(RUNS_DIR, SNAPSHOT_DIR, SNAPSHOT_FILES, resume_file='last.pth.tar')
 
 
 def save_snapshots(experiments: List[str]) -> None:
     """Copy unfinished runs' last checkpoint + log to eval/checkpoints/<exp>/ (committed; see restore)."""
-    for exp in experiments:
-        src = RUNS_DIR / exp
-        if not (src / 'last.pth.tar').is_file():
-            continue
-        dst = SNAPSHOT_DIR / exp
-        dst.mkdir(parents=True, exist_ok=True)
-        for name, target in SNAPSHOT_FILES:
-            if (src / name).is_file() and (not (dst / target).is_file()
-                                           or (src / name).stat().st_mtime > (dst / target).stat().st_mtime):
-                shutil.copy2(src / name, dst / target)
+    _snapshots().save(experiments)
 
 
 def restore() -> None:
     """Put committed snapshots back where ``train_fmnist.py --resume`` looks (skips runs that are further along)."""
-    for dst in sorted(SNAPSHOT_DIR.glob('*/last.ckpt')):
-        exp = dst.parent.name
-        run_dir = RUNS_DIR / exp
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, target in SNAPSHOT_FILES:
-            src = dst.parent / target
-            if src.is_file() and not (run_dir / name).is_file():
-                shutil.copy2(src, run_dir / name)
-        print(f'restored {exp}')
+    _snapshots().restore()
 
 
 def _curve(exp: str) -> List[Dict[str, str]]:

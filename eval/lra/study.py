@@ -22,13 +22,10 @@ slower than LDN is read part-way through its schedule; a faster one at its end (
 import argparse
 import csv
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 HERE = Path(__file__).resolve().parent
 EVAL = HERE.parent
@@ -38,8 +35,10 @@ SNAPSHOTS = EVAL / 'checkpoints' / 'lra'
 # best.pt too: the run's final test reads the best-validation weights, which a resumed run must not lose
 SNAPSHOT_FILES = ('last.pt', 'best.pt', 'log.csv')
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(EVAL))
 import models  # noqa: E402
 import tasks  # noqa: E402
+from runner import Snapshots, run_jobs  # noqa: E402
 
 
 def name(task: str, row: str, seed: int) -> str:
@@ -60,53 +59,21 @@ def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, sna
         name_of = lambda r, s: name(task, r, s)  # noqa: E731
     todo = [(r, s) for s in seeds for r in rows if not (RESULTS / f'{name_of(r, s)}.json').is_file()]
     print(f'{task}: {len(todo)} runs to do', flush=True)
-    running: List[Tuple[subprocess.Popen, str]] = []
-    failures = 0
-    while todo or running:
-        while todo and len(running) < jobs:
-            row, seed = todo.pop(0)
-            exp = name_of(row, seed)
-            (RUNS / exp).mkdir(parents=True, exist_ok=True)
-            log = open(RUNS / exp / 'stdout.log', 'a')
-            cmd = [sys.executable, str(HERE / 'train_lra.py'), '--task', task, '--row', row, '--seed', str(seed),
-                   '--steps', str(steps), '--threads', '1', '--resume', '--experiment', exp] + extra
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), exp))
-            print(f'started {exp}', flush=True)
-        time.sleep(10)
-        for proc, exp in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, exp))
-                ok = proc.returncode == 0 and (RESULTS / f'{exp}.json').is_file()
-                failures += not ok
-                print(f'{"finished" if ok else "FAILED"} {exp}', flush=True)
-                if ok and snapshot:  # a finished run keeps its log only: checkpoints stay out of git
-                    save_snapshots([exp], files=('log.csv',))
-                    for f in ('last.pt', 'best.pt'):
-                        (SNAPSHOTS / exp / f).unlink(missing_ok=True)
-        if snapshot:
-            save_snapshots([exp for _, exp in running])
-    return 1 if failures else 0
+    commands = [(name_of(row, seed), [
+        sys.executable, str(HERE / 'train_lra.py'), '--task', task, '--row', row, '--seed', str(seed), '--steps',
+        str(steps), '--threads', '1', '--resume', '--experiment', name_of(row, seed)] + extra) for row, seed in todo]
+    snaps = _snapshots()
+    # a finished run keeps its log only: checkpoints stay out of git
+    return run_jobs(commands, RUNS, jobs, finished=lambda exp: (RESULTS / f'{exp}.json').is_file(),
+                    on_finish=snaps.keep_log if snapshot else None, on_poll=snaps.save if snapshot else None)
 
 
-def save_snapshots(experiments: List[str], files: Tuple[str, ...] = SNAPSHOT_FILES) -> None:
-    for exp in experiments:
-        src = RUNS / exp
-        for f in files:
-            if (src / f).is_file():
-                dst = SNAPSHOTS / exp / f
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if not dst.is_file() or (src / f).stat().st_mtime > dst.stat().st_mtime:
-                    shutil.copy2(src / f, dst)
+def _snapshots() -> Snapshots:
+    return Snapshots(RUNS, SNAPSHOTS, [(f, f) for f in SNAPSHOT_FILES], resume_file='last.pt')
 
 
 def restore() -> None:
-    for snap in sorted(SNAPSHOTS.glob('*/last.pt')):
-        run_dir = RUNS / snap.parent.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for f in SNAPSHOT_FILES:
-            if (snap.parent / f).is_file() and not (run_dir / f).is_file():
-                shutil.copy2(snap.parent / f, run_dir / f)
-        print(f'restored {snap.parent.name}')
+    _snapshots().restore()
 
 
 def _log(run: Dict) -> List[Dict[str, float]]:
@@ -193,7 +160,7 @@ def screen_report() -> List[Dict]:
     rows = []
     for p in sorted(RESULTS.glob('screen[0-9]*.json')):
         r = json.loads(p.read_text())
-        save_snapshots([p.stem], files=('log.csv',))  # the log only: the report must rebuild on a fresh clone
+        _snapshots().keep_log(p.stem)  # the log only: the report must rebuild on a fresh clone
         log = _log(r)
         rows.append(dict(run=p.stem, task=r['task'], row=r['row'], lr=r['lr'], steps=r['steps'], params=r['params'],
                          train_loss=log[-1]['train_loss'], train_acc=log[-1]['train_acc'], val_acc=r['val_acc'],

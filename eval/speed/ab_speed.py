@@ -1,4 +1,5 @@
-"""Same-run A/B of two builds of timm-ldn: ldn_small wall clock and peak memory, builds alternating as subprocesses.
+"""Same-run A/B of two builds of timm-ldn: ldn_small and the sequence model (``seq_*`` cases), wall clock and peak
+memory, builds alternating as subprocesses.
 
     git worktree add /tmp/ldn_old <old commit>
     python eval/speed/ab_speed.py --old /tmp/ldn_old --new . --rounds 7      # -> eval/results/ab_speed.{json,md}
@@ -26,6 +27,9 @@ CASES = {  # name -> (resolution, batch, training step?)
     'infer_512_b2': (512, 2, False),
     'infer_1024_b1': (1024, 1, False),
     'train_224_b8': (224, 8, True),
+    # the sequence model (timm_ldn.sequence) at the ListOps benchmark's size: 'resolution' is the token count
+    'seq_train_L256_b32': (256, 32, True),
+    'seq_infer_L4096_b1': (4096, 1, False),
 }
 RESULTS = Path(__file__).resolve().parents[1] / 'results'
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,9 +43,16 @@ def worker(case: str, iters: int, peak_only: bool = False) -> Dict[str, float]:
     import timm_ldn
     res, batch, train = CASES[case]
     torch.manual_seed(0)
-    model = timm.create_model('ldn_small').train(train)
-    x = torch.randn(batch, 3, res, res)
-    y = torch.randint(0, 1000, (batch,))
+    if case.startswith('seq_'):
+        from timm_ldn.sequence import LdnSequenceClassifier
+        model = LdnSequenceClassifier(num_classes=10, vocab_size=16, embed_dim=64, depth=4, num_heads=4,
+                                      max_len=max(res, 512)).train(train)
+        x = torch.randint(0, 16, (batch, res))
+        y = torch.randint(0, 10, (batch,))
+    else:
+        model = timm.create_model('ldn_small').train(train)
+        x = torch.randn(batch, 3, res, res)
+        y = torch.randint(0, 1000, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
     def call() -> None:

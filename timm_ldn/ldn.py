@@ -34,12 +34,13 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from ._checkpoint import architecture_pre_hook, checkpoint_filter_fn
 from .diffusion import (
-    DEFAULT_OFFSETS, NEIGHBOURS_PER_SCALE, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention, stencil_basis,
+    DEFAULT_OFFSETS, NEIGHBOURS_PER_SCALE, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention,
+    stencil_basis,
 )
 from .hub import hub_id, resolve_pretrained_overlay
 
 __all__ = ['LinearDiffusionNet', 'LdnBlock', 'DiffusionParams', 'PrimaryDiffusion', 'DiffusionAttention', 'DwConvMlp',
-           'TokenDepthwiseConv2d', 'ConvTokenizer']
+           'ConvTokenizer']
 
 # MLP ratio of the default local update F (parameter layout v2, chosen by the Fashion-MNIST block study): 3.875
 # instead of 4 pays for the 3×3 depthwise conv, so every variant stays within the params / MACs of its DeiT.
@@ -160,26 +161,13 @@ class DiffusionAttention(nn.Module):
         return self.proj_drop(x).reshape(shape)
 
 
-class TokenDepthwiseConv2d(nn.Conv2d):
-    """Depthwise ``k×k`` conv (zero padding) on a channels-last token map ``(B, h, w, C)``; the weights of
-    ``nn.Conv2d(C, C, k, padding=k // 2, groups=C)``. The NHWC -> NCHW view is channels_last in memory, so the conv
-    runs without a layout copy."""
-
-    def __init__(self, channels: int, kernel_size: int = 3, device=None, dtype=None):
-        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
-                         device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
-
-
 class DwConvMlp(nn.Module):
-    """The local update F: ``fc2(act(dwconv(fc1(x))))`` on token-major input ``(B, ..., C)``.
+    """The local update F: ``fc2(act(dwconv(fc1(x))))`` on a channels-last map ``(B, h, w, C)``.
 
-    The depthwise conv on the hidden layer sees each token's neighbourhood (zero padding: F is a local update, not
-    one of the row-sum-zero operators): ``conv_layer`` is :class:`TokenDepthwiseConv2d` (3×3, a grid, the default)
-    or ``timm_ldn.sequence.TokenDepthwiseConv1d`` (a sequence). On sequences, padded positions (``padding_mask``
-    True) are zeroed before the conv, so a real token next to padding sees the zero a sequence end gives it.
+    The 3×3 depthwise conv on the hidden layer sees each token's grid neighbourhood (zero padding: F is a local
+    update, not one of the row-sum-zero operators), adding ``9·hidden`` weights and MACs per token. On sequences
+    (``timm_ldn.sequence.DwConv1dMlp``, which changes only the conv) padded positions (``padding_mask`` True) are
+    zeroed before the conv, so a real token next to padding sees the zero a sequence end gives it.
     """
 
     def __init__(
@@ -188,24 +176,32 @@ class DwConvMlp(nn.Module):
             hidden_features: int,
             act_layer: Type[nn.Module] = nn.GELU,
             drop: float = 0.,
-            conv_layer: Type[nn.Module] = TokenDepthwiseConv2d,
             device=None,
             dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, **dd)
-        self.dwconv = conv_layer(hidden_features, 3, **dd)
+        self.dwconv = self.make_conv(hidden_features, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, **dd)
         self.drop2 = nn.Dropout(drop)
 
+    @staticmethod
+    def make_conv(channels: int, device=None, dtype=None) -> nn.Module:
+        return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, device=device, dtype=dtype)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The depthwise conv on token-major input: the NHWC -> NCHW view is channels_last in memory, so the conv
+        runs without a layout copy."""
+        return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.fc1(x)
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.)
-        x = self.drop1(self.act(self.dwconv(x)))
+        x = self.drop1(self.act(self.conv(x)))
         return self.drop2(self.fc2(x))
 
 

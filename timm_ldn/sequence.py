@@ -221,11 +221,15 @@ class TokenDepthwiseConv1d(nn.Module):
 
 
 class DwConv1dMlp(DwConvMlp):
-    """F with a depthwise conv1d (kernel 3) on the hidden layer: :class:`~timm_ldn.ldn.DwConvMlp` on sequences."""
+    """F with a depthwise conv1d (kernel 3) on the hidden layer: :class:`~timm_ldn.ldn.DwConvMlp` on sequences
+    ``(B, L, C)`` (padded positions zeroed before the conv)."""
 
-    def __init__(self, in_features: int, hidden_features: int, act_layer: Type[nn.Module] = nn.GELU,
-                 drop: float = 0., conv_layer: Type[nn.Module] = TokenDepthwiseConv1d, device=None, dtype=None):
-        super().__init__(in_features, hidden_features, act_layer, drop, conv_layer, device=device, dtype=dtype)
+    @staticmethod
+    def make_conv(channels: int, device=None, dtype=None) -> nn.Module:
+        return TokenDepthwiseConv1d(channels, 3, device=device, dtype=dtype)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dwconv(x)  # already token-major
 
 
 def check_sequence_batch(x: torch.Tensor, padding_mask: Optional[torch.Tensor], vocab_size: Optional[int],

@@ -157,7 +157,7 @@ class ImplicitPathDiffusion(nn.Module):
         return x + self.drop_path(self.step_fraction(x) * (avg - x))
 
 
-class TaylorDiffusionAttention(nn.Module):
+class TaylorDiffusionAttention(DiffusionAttention):
     """A_diff with the Taylor kernel ``w_ij = 1 + s_ij + s_ij²/2``, ``s_ij = q_i·k_j/√d``: the second-order form of
     softmax's ``exp(s_ij)`` (as in Based), positive for every ``s`` (``≥ 1/2``), in linear time through the feature
     map ``[1, q, q⊗q/√2]``. Rows of ``D⁻¹W − I`` sum to zero; padded tokens are no keys. (elu + 1 gives each
@@ -170,16 +170,10 @@ class TaylorDiffusionAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_drop: float = 0.,
                  qk_dim: Optional[int] = 8, device=None, dtype=None):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f'embed_dim ({dim}) must be divisible by num_heads ({num_heads}).')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qkv_bias, proj_drop, device=device, dtype=dtype)
         self.qk_dim = qk_dim or self.head_dim
-        self.qkv = nn.Linear(dim, 2 * num_heads * self.qk_dim + dim, bias=qkv_bias, **dd)  # [q | k | v]
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        # [q | k | v] with narrow q and k: the parent's validation, heads and projection, a projection of this width
+        self.qkv = nn.Linear(dim, 2 * num_heads * self.qk_dim + dim, bias=qkv_bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         shape = x.shape

@@ -3,6 +3,8 @@ unfinished runs travel as snapshots, and a finished run leaves only its log in g
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'eval'))
 from runner import Snapshots, run_jobs  # noqa: E402
@@ -43,3 +45,52 @@ def test_snapshots_travel_and_a_finished_run_keeps_only_its_log(tmp_path):
     assert (runs / 'a' / 'last.pt').read_bytes() == b'step 9'  # a run that got further here is kept
     s.keep_log('a')
     assert sorted(p.name for p in (snaps / 'a').iterdir()) == ['log.csv']
+
+
+def test_lra_resume_maps_optimizer_state_by_name_across_a_change_of_groups():
+    """A checkpoint written with the old hand-built groups ([decay, no decay]) resumes under timm's factory, whose
+    groups differ in order and membership: every parameter gets its own moments back. A checkpoint from another
+    model is refused with the fix named, not loaded into the wrong parameters."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
+    import torch
+    from timm.optim import create_optimizer_v2
+    from train_lra import legacy_param_names, load_optimizer_state, optimizer_param_names
+    from timm_ldn.sequence import ImplicitPathDiffusion, LdnSequenceClassifier
+
+    def model(depth: int = 2) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return LdnSequenceClassifier(vocab_size=12, num_classes=3, embed_dim=16, depth=depth, num_heads=2,
+                                     max_len=32, diffusion_layer=ImplicitPathDiffusion)
+
+    def train(m: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        for _ in range(2):
+            opt.zero_grad()
+            m(torch.randint(0, 12, (4, 32))).logsumexp(-1).mean().backward()
+            opt.step()
+
+    old = model()
+    params = dict(old.named_parameters())
+    legacy = torch.optim.AdamW([dict(params=[params[n] for n in names]) for names in legacy_param_names(old)])
+    train(old, legacy)
+    moments = {n: legacy.state[params[n]]['exp_avg_sq'].clone() for n in params}
+
+    new = model()
+    new.load_state_dict(old.state_dict())
+    opt = create_optimizer_v2(new, 'adamw', lr=1e-3, weight_decay=0.05)
+    assert optimizer_param_names(opt, new) != legacy_param_names(new)  # the grouping really changed
+    load_optimizer_state(opt, new, legacy.state_dict(), None)
+    for n, p in new.named_parameters():
+        torch.testing.assert_close(opt.state[p]['exp_avg_sq'], moments[n])
+
+    train(new, opt)  # and a checkpoint of the new kind round-trips through its saved names
+    again = create_optimizer_v2(new, 'adamw', lr=1e-3, weight_decay=0.05)
+    load_optimizer_state(again, new, opt.state_dict(), optimizer_param_names(opt, new))
+    for p in new.parameters():
+        torch.testing.assert_close(again.state[p]['exp_avg'], opt.state[p]['exp_avg'])
+
+    deeper = model(depth=3)
+    with pytest.raises(ValueError, match='without --resume'):
+        load_optimizer_state(create_optimizer_v2(deeper, 'adamw', lr=1e-3), deeper, opt.state_dict(),
+                             optimizer_param_names(opt, new))

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -94,6 +94,49 @@ class TaskData:
         return dict(num_classes=10, in_features=1, max_len=784)
 
 
+def optimizer_param_names(opt: torch.optim.Optimizer, model: nn.Module) -> List[List[str]]:
+    """The parameter names of each optimizer group, saved beside its state so a resume maps the state by name."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [[name_of[id(p)] for p in group['params']] for group in opt.param_groups]
+
+
+def legacy_param_names(model: nn.Module) -> List[List[str]]:
+    """Groups of checkpoints written before the trainer used timm's factories (before 0ec41ae): [decay, no decay],
+    no decay on parameters under 2-D and on K's a_raw / tau."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or n.endswith(('a_raw', 'tau')) else decay).append(n)
+    return [decay, no_decay]
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, saved: Dict[str, Any],
+                         saved_names: Optional[List[List[str]]]) -> None:
+    """Load ``saved`` into ``opt`` by parameter name, whatever the groups were when it was saved, so a change of the
+    grouping (as timm's factory made) never makes a run unresumable. Hyper-parameters stay the current ones."""
+    saved_names = saved_names or legacy_param_names(model)
+    if [len(n) for n in saved_names] != [len(g['params']) for g in saved['param_groups']]:
+        raise ValueError('the checkpoint\'s optimizer groups do not match its parameter names: resume from a checkpoint '
+                         'this trainer wrote, or start the run again without --resume')
+    state_by_name = {}
+    for names, group in zip(saved_names, saved['param_groups']):
+        for n, idx in zip(names, group['params']):
+            if idx in saved['state']:
+                state_by_name[n] = saved['state'][idx]
+    current = opt.state_dict()
+    cur_names = optimizer_param_names(opt, model)
+    missing = sorted(set(sum(cur_names, [])) - set(sum(saved_names, [])))
+    if missing:
+        raise ValueError(f'the checkpoint has no optimizer state for {missing[:3]}: the model changed since it was saved; '
+                         'resume with the row it was trained with, or start again without --resume')
+    params = dict(model.named_parameters())
+    wrong = [n for n, st in state_by_name.items() if 'exp_avg' in st and st['exp_avg'].shape != params[n].shape]
+    if wrong:
+        raise ValueError(f'the checkpoint\'s optimizer state does not fit {wrong[:3]}: it was saved from another model')
+    state = {idx: state_by_name[n] for names, group in zip(cur_names, current['param_groups'])
+             for n, idx in zip(names, group['params']) if n in state_by_name}
+    opt.load_state_dict(dict(state=state, param_groups=current['param_groups']))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TaskData, batch_size: int = 100) -> float:
     model.eval()
@@ -130,7 +173,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.resume and last.is_file():
         ckpt = torch.load(last, weights_only=False)
         model.load_state_dict(ckpt['model'])
-        opt.load_state_dict(ckpt['opt'])
+        load_optimizer_state(opt, model, ckpt['opt'], ckpt.get('opt_names'))
         step, rows, best = ckpt['step'], ckpt['rows'], ckpt['best']
         gen.set_state(ckpt['gen'])
         print(f'resumed {name} at step {step}', flush=True)
@@ -159,7 +202,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             if val_acc > best:
                 best = val_acc
                 torch.save(model.state_dict(), run_dir / 'best.pt')
-            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, rows=rows, best=best,
+            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), opt_names=optimizer_param_names(opt, model), step=step, rows=rows, best=best,
                             gen=gen.get_state()), last)
             with open(run_dir / 'log.csv', 'w', newline='') as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -34,11 +34,11 @@ def test_round_robin_times_with_the_given_clock_and_alternates() -> None:
 
 
 def test_overrides_reach_ldn_only_and_do_not_persist() -> None:
-    ldn = H.build_model('ldn_tiny', 64, 'meta', {'depth': 2})
-    deit = H.build_model('deit_tiny_patch16_224', 64, 'meta', {'depth': 2})
+    ldn = H.bench_model('ldn_tiny', 64, 'meta', {'depth': 2})
+    deit = H.bench_model('deit_tiny_patch16_224', 64, 'meta', {'depth': 2})
     assert len(ldn.blocks) == 2 and len(deit.blocks) == 12  # the reference is never modified
     assert deit.pos_embed.shape[1] == 1 + (64 // 16) ** 2  # re-created for the resolution
-    assert len(H.build_model('ldn_tiny', 64, 'meta').blocks) == 12  # no state left behind by the first call
+    assert len(H.bench_model('ldn_tiny', 64, 'meta').blocks) == 12  # no state left behind by the first call
 
 
 def test_gmacs_by_the_project_counter() -> None:

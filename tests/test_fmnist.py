@@ -321,9 +321,9 @@ def test_study_speed_times_each_row_as_built_against_the_vit(tmp_path, monkeypat
     built = []
     real_build = train_fmnist.build_model
 
-    def spy(name, recipe, overrides=None):
+    def spy(name, **kwargs):
         built.append(name)
-        return real_build(name, recipe, overrides)
+        return real_build(name, **kwargs)
 
     monkeypatch.setattr(train_fmnist, 'build_model', spy)
     out = block_study.speed(['ldn_no_adiff'], threads=1, steps=1, rounds=1)

@@ -291,7 +291,7 @@ def test_publish_writes_a_pinned_entry_that_load_published_reproduces(tmp_path, 
     for row in ('ldn', 'ldn_no_k'):
         run = f'listops_{row}_s0'
         torch.manual_seed(0)
-        model = publish.models.build(row, **arch)
+        model = publish.build_model(row, sequence=True, **arch)
         (study.RUNS / run).mkdir(parents=True)
         torch.save(model.state_dict(), study.RUNS / run / 'best.pt')
         study.RESULTS.mkdir(exist_ok=True)
@@ -308,7 +308,7 @@ def test_publish_writes_a_pinned_entry_that_load_published_reproduces(tmp_path, 
         raise hub.WeightsError(f'{repo_id} unreachable')
     monkeypatch.setattr(hub, '_download', unreachable)
     torch.manual_seed(0)
-    trained = publish.models.build('ldn', **arch).eval()
+    trained = publish.build_model('ldn', sequence=True, **arch).eval()
     x = torch.randint(1, 12, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(load_published('ldn_seq_test.lra').eval()(x), trained(x), rtol=0, atol=0)
@@ -324,7 +324,9 @@ def test_every_benchmark_row_ignores_padding_and_the_compared_rows_match_in_size
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval'))
     import models
+    from builder import build_model
     torch.manual_seed(0)
     sizes = {}
     x = torch.randint(0, 12, (1, 15))
@@ -332,14 +334,14 @@ def test_every_benchmark_row_ignores_padding_and_the_compared_rows_match_in_size
     mask[0, 15:] = True
     batch = torch.cat([torch.cat([x, torch.full((1, 8), 3)], 1), torch.randint(0, 12, (1, 23))])
     for row in models.ROWS:
-        m = models.build(row, num_classes=10, vocab_size=12, embed_dim=32, depth=2, num_heads=4).eval()
+        m = build_model(row, sequence=True, num_classes=10, vocab_size=12, embed_dim=32, depth=2, num_heads=4).eval()
         sizes[row] = sum(p.numel() for p in m.parameters())
         with torch.no_grad():
             torch.testing.assert_close(m(batch, mask)[:1], m(x), rtol=1e-5, atol=1e-5, msg=row)
     for row in ('transformer', 'linear_transformer'):
         assert abs(sizes[row] / sizes['ldn'] - 1) <= 0.10, (row, sizes)
-    with pytest.raises(ValueError, match='unknown row'):
-        models.build('ldn_typo', num_classes=10, vocab_size=12)
+    with pytest.raises(ValueError, match='unknown sequence row'):
+        build_model('ldn_typo', sequence=True, num_classes=10, vocab_size=12)
 
 
 def test_feature_model_sees_the_magnitude_of_its_inputs_not_only_their_sign():

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / 'eval' / d) for d in ('fmnist', 'speed')] + [str(ROOT / 'eval')]
 import ablations  # noqa: E402
 import study_models  # noqa: E402
+from builder import build_model  # noqa: E402
 
 NANO = 'ldn_nano_patch4_28'
 NANO_PARAMS = 350_000  # the block study's budget: every row within 0.35 M params
@@ -61,7 +62,7 @@ RECORDED_PARAMS = _recorded_params()
 @pytest.mark.parametrize('name', list(study_models.ROWS))
 def test_row_builds_trains_and_holds_the_budget(name):
     torch.manual_seed(0)
-    model = study_models.build_model(name, num_classes=10, in_chans=1).train()
+    model = build_model(name, num_classes=10, in_chans=1).train()
     out = model(torch.randn(2, 1, 28, 28))
     assert out.shape == (2, 10)
     out.square().sum().backward()
@@ -88,7 +89,7 @@ def test_row_builds_trains_and_holds_the_budget(name):
 
 @pytest.mark.parametrize('name', [n for n, r in study_models.ROWS.items() if _uses_ablation(r)])
 def test_ablation_row_scripts(name):
-    model = study_models.build_model(name, num_classes=10, in_chans=1).eval()
+    model = build_model(name, num_classes=10, in_chans=1).eval()
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(model)(x), model(x), rtol=1e-5, atol=1e-5)
@@ -99,14 +100,14 @@ def _layout(model):
 
 
 def test_ldn_v2_row_is_the_default_model():
-    row = study_models.build_model('ldn_v2', num_classes=10, in_chans=1)
+    row = build_model('ldn_v2', num_classes=10, in_chans=1)
     default = timm.create_model(NANO, num_classes=10, in_chans=1)
     assert _layout(row) == _layout(default)
     assert [(n, type(m)) for n, m in row.named_modules()] == [(n, type(m)) for n, m in default.named_modules()]
 
 
 def test_ldn_base_row_is_the_v1_block():
-    model = study_models.build_model('ldn_base', num_classes=10, in_chans=1)
+    model = build_model('ldn_base', num_classes=10, in_chans=1)
     layout = _layout(model)
     assert not [k for k in layout if 'mlp.dwconv' in k]
     for blk in model.blocks:

@@ -95,7 +95,7 @@ def row_cost(row: str) -> Dict[str, float]:
     sys.path[:0] = [str(HERE), str(EVAL_DIR)]
     import train_fmnist
     recipe = train_fmnist.load_recipe(train_fmnist.DEFAULT_RECIPE)
-    net = train_fmnist.build_model(row, recipe)
+    net = train_fmnist.build_model(row, **train_fmnist.model_args(recipe))
     return dict(params=sum(p.numel() for p in net.parameters()),
                 gmacs=train_fmnist.count_macs(net, tuple(recipe['input_size'])))
 

@@ -1,6 +1,6 @@
 """Every model the Fashion-MNIST studies train: the rows of the block and tokenizer studies and the baselines.
 
-One builder (:func:`build_model`) for the training driver, the study report, the budget test and the speed runs.
+The one builder, ``eval/builder.py:build_model``, turns these names into models for every script and test.
 A row is a registered timm model plus architecture overrides; overrides are plain values or layer types (the
 ablations in ``eval/ablations.py``, the conv tokenizer of ``timm_ldn``), never switches on the shipped model.
 """
@@ -13,7 +13,6 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
-import timm
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 
@@ -22,6 +21,7 @@ from timm_ldn.ldn import ConvTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/: the layers shared with eval/lra/
 import ablations  # noqa: E402
+from builder import build_model  # noqa: E402
 
 LDN = 'ldn_nano_patch4_28'
 # the block the study started from (parameter layout v1): a plain MLP of ratio 4 as F
@@ -155,26 +155,6 @@ BASELINES: Dict[str, Dict[str, Any]] = {
     'resnet_nano_28': dict(entry='resnet10t', channels=(32, 48, 64, 96), output_stride=8),
     'cct_nano_28': dict(entry=CompactConvTransformer),
 }
-
-
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """A study row, a baseline or a registered timm model, with ``kwargs`` (num_classes, in_chans, ...) on top."""
-    if name in ROWS:
-        row = ROWS[name]
-        return build_model(row.model, **{**row.overrides, **kwargs})
-    if name in BASELINES:
-        cfg = dict(BASELINES[name])
-        entry = cfg.pop('entry')
-        if not isinstance(entry, str):
-            return entry(**cfg, **kwargs)
-        model = timm.create_model(entry, pretrained=False, **cfg, **kwargs)
-        # timm's explicit q@kᵀ/softmax/@v attention instead of the fused CPU SDPA kernel: same math, and with
-        # bf16 autocast on this CPU it trains ~2x faster (measured), i.e. the stronger baseline for throughput
-        for m in model.modules():
-            if hasattr(m, 'fused_attn'):
-                m.fused_attn = False
-        return model
-    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def vit_nano_patch4_28() -> nn.Module:

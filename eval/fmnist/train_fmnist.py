@@ -18,7 +18,6 @@ higher) are evaluated once on the test split and ``eval/results/fmnist_<model>.j
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -30,7 +29,6 @@ import torch
 import torch.nn as nn
 import yaml
 
-import timm
 from timm.data import create_dataset, create_loader
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -43,6 +41,7 @@ from timm_ldn.profiling import count_cost
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import fmnist_tensors  # noqa: E402
 import study_models  # noqa: E402
+from builder import build_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EVAL_DIR = HERE.parent
@@ -56,14 +55,11 @@ def load_recipe(path: Path) -> Dict[str, Any]:
         return yaml.safe_load(f)
 
 
-def build_model(name: str, recipe: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """A study row, baseline or registered model (``eval/fmnist/study_models.py``) with the recipe's classes / channels.
-
-    ``model_kwargs`` override architecture arguments on top (e.g. ``mlp_ratio=3.5``).
-    """
-    common = dict(num_classes=recipe['num_classes'], in_chans=recipe['in_chans'], drop_path_rate=recipe['drop_path'])
-    common.update(model_kwargs or {})
-    return study_models.build_model(name, **common)
+def model_args(recipe: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The recipe's classes / channels / drop-path for ``build_model``, with ``model_kwargs`` (e.g. ``mlp_ratio=3.5``)
+    on top."""
+    return {'num_classes': recipe['num_classes'], 'in_chans': recipe['in_chans'], 'drop_path_rate': recipe['drop_path'],
+            **(model_kwargs or {})}
 
 
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
@@ -151,7 +147,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     run_dir = RUNS_DIR / (args.experiment or args.model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.model, recipe, args.model_kwargs)
+    model = build_model(args.model, **model_args(recipe, args.model_kwargs))
     input_size = tuple(recipe['input_size'])
     params = sum(p.numel() for p in model.parameters())
     gmacs = count_macs(model, input_size)
@@ -253,7 +249,7 @@ def final_test(
     row = next(r for r in rows if int(r['epoch']) == ep)
     use_ema = 'state_dict_ema' in best and row['val_ema_top1'] != '' and \
         float(row['val_ema_top1']) >= float(row['val_top1'])
-    model = build_model(args.model, recipe, args.model_kwargs)
+    model = build_model(args.model, **model_args(recipe, args.model_kwargs))
     model.load_state_dict(best['state_dict_ema' if use_ema else 'state_dict'])
     torch.save(model.state_dict(), run_dir / 'best_weights.pth')
     test = evaluate(
@@ -398,7 +394,7 @@ def bench(names: List[str], pipelines: List[str], threads: int, steps: int = 20,
     state = {}
     for name in names:
         for pipeline in pipelines:
-            model = build_model(name, recipe).train()
+            model = build_model(name, **model_args(recipe)).train()
             opt = create_optimizer_v2(model, opt=recipe['opt'], lr=recipe['lr'], weight_decay=recipe['weight_decay'])
             batches = make_batches(recipe, recipe['train_split'], True, recipe['batch_size'], pipeline)
             state[(name, pipeline)] = (model, opt, ModelEmaV3(model, decay=recipe['model_ema_decay']), iter(batches))

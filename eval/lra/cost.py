@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from builder import build_model  # noqa: E402  eval/builder.py: the one builder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'speed'))
 from bench_harness import live_peak_mb as peak_mb  # noqa: E402
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     kw = dict(num_classes=10, vocab_size=16, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4., max_len=max(args.lengths))
     torch.manual_seed(0)
-    built = {r: models.build(r, **kw).train() for r in args.rows}
+    built = {r: build_model(r, sequence=True, **kw).train() for r in args.rows}
     results: Dict[str, Dict[int, Dict[str, float]]] = {r: {} for r in args.rows}
     alive = set(args.rows)
     for L in args.lengths:

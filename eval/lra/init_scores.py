@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from builder import build_model  # noqa: E402  eval/builder.py: the one builder
 from tasks import load_listops  # noqa: E402
 from timm_ldn.diffusion import positive_feature_map  # noqa: E402
 
@@ -39,7 +40,7 @@ def main() -> None:
     print('|---|---|---|---|')
     for row in ('ldn_softmax_adiff_sinpos', 'ldn_softmax_sinpos_torch_init', 'ldn', 'ldn_torch_init'):
         torch.manual_seed(0)
-        q, k, _ = first_block_qkv(models.build(row, **arch).eval(), x)
+        q, k, _ = first_block_qkv(build_model(row, sequence=True, **arch).eval(), x)
         scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
         soft = scores.softmax(-1).amax(-1).mean() * L
         w = positive_feature_map(q) @ positive_feature_map(k).transpose(-1, -2)

@@ -157,11 +157,3 @@ ROWS: Dict[str, Callable[..., nn.Module]] = {
     'transformer': TransformerClassifier,
     'linear_transformer': partial(TransformerClassifier, linear=True),
 }
-
-
-def build(row: str, **kwargs) -> nn.Module:
-    """A row by name with the shared architecture arguments (``num_classes``, ``vocab_size`` / ``in_features``,
-    ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``max_len``)."""
-    if row not in ROWS:
-        raise ValueError(f'unknown row {row!r}; rows: {list(ROWS)}.')
-    return ROWS[row](**kwargs)

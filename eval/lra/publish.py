@@ -20,7 +20,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-import models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from builder import build_model  # noqa: E402  eval/builder.py: the one builder
 import study  # noqa: E402
 
 from timm_ldn import hub  # noqa: E402
@@ -49,7 +50,7 @@ def publish(run: str, name: str, weights_dir: Optional[Path] = None) -> Dict[str
     if not summary_path.is_file():
         raise FileNotFoundError(f'{run}: no result {summary_path}; only finished runs (test read) are published.')
     summary = json.loads(summary_path.read_text())
-    model = models.build(summary['row'], **summary['arch'])
+    model = build_model(summary['row'], sequence=True, **summary['arch'])
     if type(model) is not LdnSequenceClassifier:
         raise ValueError(f'{run}: row {summary["row"]!r} is not an LdnSequenceClassifier; publish an ldn row.')
     foreign = {k: v for k, v in model._hub_mixin_config.items()

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from builder import build_model  # noqa: E402  eval/builder.py: the one builder
 import tasks  # noqa: E402
 import train_lra  # noqa: E402
 
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     arch = dict(train_lra.ARCH, **train.model_kwargs())
     state = {}
     for row in args.rows:
-        model = models.build(row, **arch).train()
+        model = build_model(row, sequence=True, **arch).train()
         state[row] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     for rnd in range(args.rounds):
         for row, (model, opt) in state.items():

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import models  # noqa: E402
+from builder import build_model  # noqa: E402  eval/builder.py: the one builder
 import tasks  # noqa: E402
 
 RUNS = HERE.parent / 'runs' / 'lra'
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     val = TaskData(args.task, 'validation', args.val_subset, args.seed)
     torch.manual_seed(args.seed)
     arch = dict(ARCH, **train.model_kwargs())
-    model = models.build(args.row, **arch)
+    model = build_model(args.row, sequence=True, **arch)
     params = sum(p.numel() for p in model.parameters())
     # timm's factories: no weight decay on 1-D parameters and on model.no_weight_decay() (K's a_raw / τ); a linear
     # warm-up over 5 % of the steps (from lr / warm-up steps), then a cosine to 0 over the rest, stepped per update

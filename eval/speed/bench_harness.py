@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -39,10 +40,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm_ldn.commands.benchmark import build_model as _create
 from timm_ldn.profiling import count_cost
 
-__all__ = ['Case', 'plan_cases', 'build_model', 'model_gmacs', 'peak_memory_mb', 'time_round_robin',
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from builder import build_model  # noqa: E402  eval/builder.py: the one builder
+
+__all__ = ['Case', 'plan_cases', 'bench_model', 'ldn_kwargs', 'model_gmacs', 'peak_memory_mb', 'time_round_robin',
            'train_step_round_robin', 'fit_exponent', 'run_benchmark', 'write_results', 'markdown_table',
            'run_profiles', 'kwargs_to_args']
 
@@ -101,20 +104,22 @@ def plan_cases(quick: bool = False, sizes: Sequence[str] = ('tiny', 'small', 'ba
     return cases
 
 
-def build_model(name: str, resolution: int, device: Any = 'cpu',
-                model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
-    """A randomly initialised ``name`` for ``resolution`` px (``ldn benchmark``'s builder: ViTs get ``img_size``
-    so their pos-embed fits). ``model_kwargs`` go to the LDN models only, never to the peers they are compared to.
+def ldn_kwargs(name: str, model_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``model_kwargs`` go to the LDN models only, never to the peers they are compared to."""
+    return dict(model_kwargs or {}) if name.startswith('ldn_') else {}
 
-    (timm's own benchmark.py cannot run a DeiT at another resolution without re-creating it this way:
-    its position embedding is fixed. LDN needs nothing.)
-    """
-    return _create(name, resolution, dict(model_kwargs or {}) if name.startswith('ldn_') else None, device)
+
+def bench_model(name: str, resolution: int, device: Any = 'cpu',
+                model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """``name`` from the one builder (``eval/builder.py``) for ``resolution`` px, in eval mode: ViTs get ``img_size``
+    so their pos-embed fits (timm's own benchmark.py cannot run a DeiT at another resolution without re-creating it
+    this way; LDN needs nothing)."""
+    return build_model(name, img_size=resolution, device=device, **ldn_kwargs(name, model_kwargs)).eval()
 
 
 def model_gmacs(name: str, resolution: int, model_kwargs: Optional[Mapping[str, Any]] = None) -> float:
     """GMACs of one ``resolution`` px image, by ``timm_ldn.profiling.count_cost`` on a meta-device model."""
-    model = build_model(name, resolution, 'meta', model_kwargs)
+    model = bench_model(name, resolution, 'meta', model_kwargs)
     return count_cost(model, (3, resolution, resolution))['gmacs']
 
 
@@ -258,7 +263,7 @@ def train_step_round_robin(
 ) -> Dict[str, List[float]]:
     """Seconds per training step (forward, cross-entropy, backward, AdamW) for each model, alternating."""
     x = torch.randn(batch, 3, resolution, resolution, device=device)
-    fns = {name: train_step_fn(build_model(name, resolution, device, model_kwargs), x, mode) for name in names}
+    fns = {name: train_step_fn(bench_model(name, resolution, device, model_kwargs), x, mode) for name in names}
     return time_round_robin(fns, rounds, device, min_round_s=0.0, warmup=2, clock=clock)
 
 
@@ -293,7 +298,7 @@ def run_benchmark(
         models, fns, mem = {}, {}, {}
         for name in case.models:
             try:
-                models[name] = build_model(name, case.resolution, device, model_kwargs)
+                models[name] = bench_model(name, case.resolution, device, model_kwargs)
             except Exception as e:  # a peer that does not construct here is reported and skipped
                 log(f'  skip {name}: {type(e).__name__}: {e}')
         x = torch.randn(case.batch, 3, case.resolution, case.resolution, device=device)
@@ -468,7 +473,7 @@ def profile_top_ops(name: str, resolution: int, batch: int, device: torch.device
                     calls: int = 2, top: int = 12, model_kwargs: Optional[Mapping[str, Any]] = None) -> str:
     """Markdown table of the ``top`` ops by self CPU time (``torch.profiler``) for inference or a training step."""
     from torch.profiler import profile
-    model = build_model(name, resolution, device, model_kwargs)
+    model = bench_model(name, resolution, device, model_kwargs)
     x = torch.randn(batch, 3, resolution, resolution, device=device)
     fn = train_step_fn(model, x) if train else inference_fn(model, x)
     fn()

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ablations import FixedMethodDiffusion  # noqa: E402
-from bench_harness import PAIRS, build_model, model_gmacs  # noqa: E402
+from bench_harness import PAIRS, bench_model, model_gmacs  # noqa: E402
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
@@ -76,7 +76,7 @@ def prepare(name: str, res: int, batch: int, device: torch.device, compile_model
     """
     name, _, method = name.partition('@')
     kwargs = dict(diffusion_layer=partial(FixedMethodDiffusion, method=method)) if method else None
-    model = build_model(name, res, device, kwargs)
+    model = bench_model(name, res, device, kwargs)
     x = torch.randn(batch, 3, res, res, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

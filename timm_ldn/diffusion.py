@@ -351,15 +351,18 @@ def feature_diffusion_attention(
 ) -> torch.Tensor:
     """:func:`linear_diffusion_attention` on features already mapped, ``q_feat = φ(Q)``, ``k_feat = φ(K)``
     (``(B, heads, N, f)``, any feature size ``f``, every ``φ(q_i)·φ(k_j) > 0``), ``v`` ``(B, heads, N, d)``."""
-    # 1/N keeps φ(K)ᵀV and Σφ(K) O(1) at any resolution (fp16 range); it cancels in the ratio
+    # [V | 1] carries the normaliser as one more column, so one matmul over φ(Q) gives numerator and denominator;
+    # the 1/N (over real tokens; padded keys get weight 0) and the mask go on that narrow tensor, not on φ(K) (wide
+    # for Taylor maps). 1/N keeps φ(K)ᵀV O(1) at any length (fp16 range); it cancels in the ratio.
+    d = v.shape[-1]
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, heads, N, d+1)
     if key_padding_mask is None:
-        k_feat = k_feat * (1. / k_feat.shape[-2])
+        v1 = v1 * (1. / v.shape[-2])
     else:
-        real = (~key_padding_mask).to(k_feat.dtype)[:, None, :, None]  # (B, 1, N, 1)
-        k_feat = k_feat * real / real.sum(2, keepdim=True)
-    kv = k_feat.transpose(-2, -1) @ v  # (B, heads, f, d): the only global summary, never N×N
-    normalizer = q_feat @ k_feat.sum(-2).unsqueeze(-1)  # (B, heads, N, 1) = (W·1)_i, strictly positive
-    return (q_feat @ kv) / normalizer - v
+        real = (~key_padding_mask).to(v.dtype)[:, None, :, None]  # (B, 1, N, 1)
+        v1 = v1 * (real / real.sum(2, keepdim=True))
+    y = q_feat @ (k_feat.transpose(-2, -1) @ v1)  # (B, heads, N, d+1) through (B, heads, f, d+1): never N×N
+    return y[..., :d] / y[..., d:] - v
 
 
 def _exporting() -> bool:

@@ -150,6 +150,12 @@ LDN_ROWS: Dict[str, Dict[str, Any]] = {
     'ldn_implicit': dict(diffusion_layer=ImplicitPathDiffusion),
     'ldn_implicit_taylor': dict(diffusion_layer=ImplicitPathDiffusion, attn_layer=TaylorDiffusionAttention),
     'ldn_implicit_torch_init': dict(diffusion_layer=ImplicitPathDiffusion, weight_init='torch'),
+    # every lever that has helped a row so far: positions and PyTorch's init (ldn_softmax_sinpos_torch_init, 38.28)
+    # with the linear-cost kernel and the exact step in place of the softmax kernel and the Euler step
+    'ldn_implicit_sinpos_torch_init': dict(diffusion_layer=ImplicitPathDiffusion, pos_embed=True, weight_init='torch'),
+    'ldn_implicit_taylor_sinpos_torch_init': dict(diffusion_layer=ImplicitPathDiffusion,
+                                                  attn_layer=TaylorDiffusionAttention, pos_embed=True,
+                                                  weight_init='torch'),
 }
 
 ROWS: Dict[str, Callable[..., nn.Module]] = {

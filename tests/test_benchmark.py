@@ -130,3 +130,21 @@ def test_layer_type_kwargs_resolve_from_dotted_paths():
     assert type(model.blocks[0].mlp) is Mlp and model.blocks[0].mlp.fc1.out_features == 768
     with pytest.raises(ValueError, match='cannot import timm.layers.NoSuchMlp'):
         resolve_layer_kwargs(dict(mlp_layer='timm.layers.NoSuchMlp'))
+
+
+def test_ab_speed_times_each_build_against_its_peer_in_the_same_process(tmp_path):
+    """eval/speed/ab_speed.py: every worker times its build's LDN and the fixed peer in one process, and the A/B of
+    two builds is reported both bare and normalised by that peer."""
+    import ab_speed
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / 'ab'
+    assert ab_speed.main(['--old', str(root), '--new', str(root), '--rounds', '1', '--iters', '1',
+                          '--cases', 'seq_train_L256_b32', '--out', str(out)]) == 0
+    saved = json.loads(out.with_suffix('.json').read_text())
+    row = saved['rows'][0]
+    assert row['case'] == 'seq_train_L256_b32' and row['old_peer_ms'] > 0 and row['new_ms'] > 0
+    run = saved['runs']['seq_train_L256_b32']['new'][0]
+    assert run['peer_over_ldn'] == pytest.approx(run['peer_ms'] / run['ms'])
+    assert row['new_over_old_normalised'] == pytest.approx(
+        saved['runs']['seq_train_L256_b32']['old'][0]['peer_over_ldn'] / run['peer_over_ldn'])
+    assert 'peer-normalised' in out.with_suffix('.md').read_text()

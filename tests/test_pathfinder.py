@@ -126,3 +126,24 @@ def test_grid_picture(tmp_path, hard32):
     out = tmp_path / 'grid.png'
     pathfinder.draw_examples(hard32[0], hard32[1], out)
     assert out.stat().st_size > 1000
+
+
+def test_sequence_benchmark_reads_pathfinder_as_1024_pixel_steps(tmp_path, monkeypatch):
+    """``train_lra.py --task pathfinder32_easy``: images in row-major order as (N, 1024, 1) steps, normalised by the
+    training pixels' mean / std, labels 0 / 1 unchanged, and a 2-class model of max_len 1024 built for it."""
+    import torch
+    import tasks
+    import train_lra
+    splits = pathfinder.build_splits(32, 'easy', n=40, seed=1)
+    pathfinder.save_splits(splits, tmp_path / 'pathfinder32_easy.npz')
+    monkeypatch.setattr(pathfinder, 'DATA', tmp_path)
+    val = train_lra.TaskData('pathfinder32_easy', 'validation')
+    x, mask, y = val.batch(torch.arange(len(val)))
+    images, labels = splits['validation']
+    train = splits['train'][0].astype(np.float64)
+    expected = (images.reshape(len(images), -1) - train.mean()) / train.std(ddof=1)
+    assert x.shape == (4, 1024, 1) and mask is None
+    np.testing.assert_allclose(x[..., 0].numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert y.tolist() == labels.tolist()
+    assert val.model_kwargs() == dict(num_classes=2, in_features=1, max_len=1024)
+    assert 'pathfinder32_hard' in tasks.TASKS

@@ -10,6 +10,9 @@ Fashion-MNIST.
   ``eval/fmnist/fmnist_data.py``, test = the official 10k.
 * ``psfmnist``: the same with one fixed permutation of the 784 positions (seed 0): no locality left, so only
   global mixing can solve it.
+* ``pathfinder32_easy`` / ``pathfinder32_hard``: Pathfinder-32 (``eval/lra/pathfinder.py``, contour length 6 / 14)
+  as 1,024 pixel steps, one feature each, normalised with the training-pixel mean / std, 2 classes (LRA's
+  Pathfinder; generate with ``python eval/lra/pathfinder.py --size 32 --difficulty easy|hard --n 50000``).
 """
 import collections
 import json
@@ -31,7 +34,8 @@ LISTOPS = dict(counts=(50_000, 2_000, 5_000), seed=0, min_len=32, max_len=512, m
 SPLITS = ('train', 'validation', 'test')
 FMNIST_MEAN, FMNIST_STD = 0.2859, 0.3529
 PERMUTATION_SEED = 0
-TASKS = ('listops', 'sfmnist', 'psfmnist')
+PATHFINDER_TASKS = {'pathfinder32_easy': (32, 'easy'), 'pathfinder32_hard': (32, 'hard')}
+TASKS = ('listops', 'sfmnist', 'psfmnist', *PATHFINDER_TASKS)
 
 
 def make_listops(path: Path = DATA / 'listops.pt') -> Dict[str, object]:
@@ -62,14 +66,23 @@ def permutation() -> torch.Tensor:
 
 
 def load_pixel_task(task: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(sequences float32 (N, 784, 1), labels (N,))`` of ``sfmnist`` / ``psfmnist``."""
+    """``(sequences float32 (N, H*W, 1), labels (N,))`` of the pixel tasks: ``sfmnist`` / ``psfmnist`` (784 steps)
+    and Pathfinder (``pathfinder32_*``: 1,024 steps)."""
+    if task in PATHFINDER_TASKS:
+        import pathfinder
+        splits = pathfinder.load_pathfinder(*PATHFINDER_TASKS[task])
+        train = torch.from_numpy(splits['train'][0]).float()
+        mean, std = float(train.mean()), float(train.std())  # of the training pixels, as for Fashion-MNIST
+        images, labels = splits[split]
+        x = (torch.from_numpy(images).flatten(1).float() - mean) / std
+        return x.unsqueeze(-1), torch.from_numpy(labels).long()
     import fmnist_tensors
     images, labels = fmnist_tensors.load_split_tensors(split)
     x = ((images.flatten(1).float() / 255.) - FMNIST_MEAN) / FMNIST_STD
     if task == 'psfmnist':
         x = x[:, permutation()]
     elif task != 'sfmnist':
-        raise ValueError(f'unknown pixel task {task!r}; use sfmnist or psfmnist.')
+        raise ValueError(f'unknown pixel task {task!r}; use one of {TASKS[1:]}.')
     return x.unsqueeze(-1), labels
 
 

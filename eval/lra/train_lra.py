@@ -92,7 +92,8 @@ class TaskData:
     def model_kwargs(self) -> Dict[str, Any]:
         if self.task == 'listops':
             return dict(num_classes=10, vocab_size=len(tasks.listops.VOCAB), max_len=tasks.LISTOPS['max_len'])
-        return dict(num_classes=10, in_features=1, max_len=784)
+        return dict(num_classes=2 if self.task in tasks.PATHFINDER_TASKS else 10, in_features=1,
+                    max_len=self.x.shape[1])
 
 
 def optimizer_param_names(opt: torch.optim.Optimizer, model: nn.Module) -> List[List[str]]:

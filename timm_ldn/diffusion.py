@@ -642,5 +642,7 @@ def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:
     ``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q·k/√d``, the second-order Taylor form of ``exp(s)`` (as in Based), which
     is ``≥ 1/2`` for every ``s``: a positive kernel for A_diff, as selective as softmax where ``|s|`` is small."""
     x = x * x.shape[-1] ** -0.25
-    outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) * (0.5 ** 0.5)
+    # the outer product as a matmul of (d, 1) by (1, d): its backward is two matmuls, where a broadcast multiply's
+    # is a multiply and a reduction per operand (fwd + bwd of the map 337 -> 256 ms at 32 x 4 heads x 1024 x 8)
+    outer = (x.unsqueeze(-1) @ (x * 0.5 ** 0.5).unsqueeze(-2)).flatten(-2)
     return torch.cat([torch.ones_like(x[..., :1]), x, outer], -1)

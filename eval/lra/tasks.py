@@ -13,6 +13,9 @@ Fashion-MNIST.
 * ``pathfinder32_easy`` / ``pathfinder32_hard``: Pathfinder-32 (``eval/lra/pathfinder.py``, contour length 6 / 14)
   as 1,024 pixel steps, one feature each, normalised with the training-pixel mean / std, 2 classes (LRA's
   Pathfinder; generate with ``python eval/lra/pathfinder.py --size 32 --difficulty easy|hard --n 50000``).
+* ``text``: byte-level classification of 1-4 kB chunks of the Linux kernel's documentation by book, 14 classes
+  (``eval/lra/bytetext.py``, LRA's IMDb byte-level task on the corpus a Debian package ships; generate with
+  ``apt-get install linux-doc-6.1 && python eval/lra/bytetext.py --task text``). Byte ids, 0 = padding.
 """
 import collections
 import json
@@ -35,7 +38,8 @@ SPLITS = ('train', 'validation', 'test')
 FMNIST_MEAN, FMNIST_STD = 0.2859, 0.3529
 PERMUTATION_SEED = 0
 PATHFINDER_TASKS = {'pathfinder32_easy': (32, 'easy'), 'pathfinder32_hard': (32, 'hard')}
-TASKS = ('listops', 'sfmnist', 'psfmnist', *PATHFINDER_TASKS)
+TASKS = ('listops', 'sfmnist', 'psfmnist', *PATHFINDER_TASKS, 'text')
+TOKEN_TASKS = ('listops', 'text')  # token ids with padding; the others are fixed-length pixel sequences
 
 
 def make_listops(path: Path = DATA / 'listops.pt') -> Dict[str, object]:
@@ -59,6 +63,20 @@ def load_listops(path: Path = DATA / 'listops.pt') -> Dict[str, object]:
     if not path.is_file():
         raise FileNotFoundError(f'{path} missing: run `python eval/lra/tasks.py` first.')
     return torch.load(path, weights_only=False)
+
+
+def text_classes() -> tuple:
+    import bytetext
+    return bytetext.TEXT_CLASSES
+
+
+def load_text(split: str) -> Dict[str, torch.Tensor]:
+    """``{'ids': uint8 (N, 4096) bytes, 0 = padding, 'lengths', 'labels'}`` of the byte-level text task."""
+    import bytetext
+    splits, _ = bytetext.load_bytetext('text')
+    ids, lengths = bytetext.padded(splits[split])
+    return dict(ids=torch.from_numpy(ids), lengths=torch.from_numpy(lengths).long(),
+                labels=torch.from_numpy(splits[split]['labels']).long())
 
 
 def permutation() -> torch.Tensor:

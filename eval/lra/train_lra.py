@@ -54,23 +54,23 @@ class TaskData:
 
     def __init__(self, task: str, split: str, subset: int = 0, seed: int = 0):
         self.task = task
-        if task == 'listops':
-            data = tasks.load_listops()[split]
+        if task in tasks.TOKEN_TASKS:
+            data = tasks.load_listops()[split] if task == 'listops' else tasks.load_text(split)
             self.ids, self.lengths, self.labels = data['ids'], data['lengths'], data['labels']
         else:
             self.x, self.labels = tasks.load_pixel_task(task, split)
         if subset and subset < len(self.labels):
             keep = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(1000 + seed))[:subset]
             keep = keep.sort().values
-            if task == 'listops':
+            if task in tasks.TOKEN_TASKS:
                 self.ids, self.lengths = self.ids[keep], self.lengths[keep]
             else:
                 self.x = self.x[keep]
             self.labels = self.labels[keep]
 
         # training batches come from a window of length-sorted sequences (see sample): ListOps lengths run 32-512,
-        # and a batch of 32 random ones pads to ~500 tokens where its median is ~250
-        self.by_length = self.lengths.argsort(stable=True) if task == 'listops' else None
+        # and a batch of 32 random ones pads to ~500 tokens where its median is ~250 (text: 1-4 kB, median 1.75)
+        self.by_length = self.lengths.argsort(stable=True) if task in tasks.TOKEN_TASKS else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,7 +82,7 @@ class TaskData:
         return length_window_sample(self.by_length, batch_size, gen)
 
     def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Any, torch.Tensor]:
-        if self.task == 'listops':
+        if self.task in tasks.TOKEN_TASKS:
             L = int(self.lengths[idx].max())
             ids = self.ids[idx, :L].long()
             mask = torch.arange(L)[None, :] >= self.lengths[idx][:, None]
@@ -92,6 +92,8 @@ class TaskData:
     def model_kwargs(self) -> Dict[str, Any]:
         if self.task == 'listops':
             return dict(num_classes=10, vocab_size=len(tasks.listops.VOCAB), max_len=tasks.LISTOPS['max_len'])
+        if self.task == 'text':
+            return dict(num_classes=len(tasks.text_classes()), vocab_size=256, max_len=self.ids.shape[1])
         return dict(num_classes=2 if self.task in tasks.PATHFINDER_TASKS else 10, in_features=1,
                     max_len=self.x.shape[1])
 

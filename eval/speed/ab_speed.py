@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,7 @@ CASES = {  # name -> (resolution, batch, training step?)
 PEER = 'deit_small_patch16_224'  # ldn_small's peer: the same-size DeiT (timm), resized by img_size
 RESULTS = Path(__file__).resolve().parents[1] / 'results'
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_harness import live_peak_mb  # noqa: E402
+from bench_harness import inference_fn, live_peak_mb, train_step_fn  # noqa: E402
 
 
 class SeqTransformer(nn.Module):
@@ -63,7 +63,6 @@ class SeqTransformer(nn.Module):
 
 
 def worker(case: str, iters: int, peak_only: bool = False) -> Dict[str, float]:
-    import torch.nn.functional as F
     import timm
     import timm_ldn
     res, batch, train = CASES[case]
@@ -74,27 +73,16 @@ def worker(case: str, iters: int, peak_only: bool = False) -> Dict[str, float]:
                                                max_len=max(res, 512)),
                   'peer': SeqTransformer()}
         x = torch.randint(0, 16, (batch, res))
-        y = torch.randint(0, 10, (batch,))
+        num_classes = 10
     else:
         models = {'ldn': timm.create_model('ldn_small'), 'peer': timm.create_model(PEER, img_size=res)}
         x = torch.randn(batch, 3, res, res)
-        y = torch.randint(0, 1000, (batch,))
+        num_classes = 1000
 
-    def make_call(model: nn.Module) -> Callable[[], None]:
-        model.train(train)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-
-        def call() -> None:
-            if train:
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-            else:
-                with torch.inference_mode():
-                    model(x)
-        return call
-
-    calls = {name: make_call(m) for name, m in models.items()}
+    # the benchmark's own calls (bench_harness): a training step is AdamW + cross-entropy, inference runs under
+    # inference_mode
+    calls = {name: train_step_fn(m, x, num_classes=num_classes) if train else inference_fn(m.eval(), x)
+             for name, m in models.items()}
     for _ in range(2):
         for call in calls.values():
             call()

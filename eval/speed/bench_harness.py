@@ -235,10 +235,11 @@ def inference_fn(model: nn.Module, x: torch.Tensor, mode: str = 'eager') -> Call
     return fwd
 
 
-def train_step_fn(model: nn.Module, x: torch.Tensor, mode: str = 'eager') -> Callable[[], None]:
+def train_step_fn(model: nn.Module, x: torch.Tensor, mode: str = 'eager',
+                  num_classes: int = 1000) -> Callable[[], None]:
     """One training step of ``model`` (train mode) on ``x``: forward, cross-entropy, backward, AdamW."""
     model.train()
-    y = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    y = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     run_model = torch.compile(model) if mode == 'compile' else model
 

@@ -79,10 +79,10 @@ def measure_model(threads: int, rounds: int = 5) -> List[Dict[str, object]]:
     import statistics
 
     import timm
-    import torch.nn.functional as F
 
     import timm_ldn  # noqa: F401  registers ldn_*
     from ablations import FixedMethodDiffusion
+    from bench_harness import inference_fn, train_step_fn
     torch.set_num_threads(threads)
     rows = []
     for res, batch, train in ((224, 8, False), (512, 2, False), (1024, 1, False), (224, 8, True)):
@@ -92,18 +92,11 @@ def measure_model(threads: int, rounds: int = 5) -> List[Dict[str, object]]:
         for m in METHODS[1:]:
             models[m].load_state_dict(models[METHODS[0]].state_dict())
         x = torch.randn(batch, 3, res, res)
-        y = torch.randint(0, 1000, (batch,))
-        opts = {m: torch.optim.AdamW(models[m].parameters(), lr=1e-5) for m in METHODS}
+        # the benchmark's own step and inference calls (bench_harness): AdamW + cross-entropy, inference_mode
+        calls = {m: (train_step_fn if train else inference_fn)(models[m], x) for m in METHODS}
 
         def call(method: str) -> None:
-            model, opt = models[method], opts[method]
-            if train:
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-            else:
-                with torch.inference_mode():
-                    model(x)
+            calls[method]()
         for m in METHODS:
             call(m)
         times: Dict[str, List[float]] = {m: [] for m in METHODS}

@@ -23,6 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'eval' / 'lra'))
+sys.path.insert(0, str(ROOT / 'eval'))  # builder.py: the one model builder
 import bytetext  # noqa: E402
 
 BOOKS = ('RCU', 'sound', 'virt', 'scsi', 'process', 'trace', 'core-api')   # ~1/8 of the corpus: ~0.5 s a build
@@ -207,3 +208,34 @@ def test_sequence_benchmark_reads_text_as_padded_bytes(tmp_path, monkeypatch, co
     assert y.tolist() == splits['validation']['labels'].tolist()
     kw = val.model_kwargs()
     assert kw['vocab_size'] == 256 and kw['max_len'] == bytetext.MAX_BYTES
+
+
+def test_retrieval_batches_pairs_for_a_two_tower_model(tmp_path, monkeypatch, retrieval):
+    """``train_lra.py --task retrieval``: a batch of B pairs is (2B, L), the first documents then the second ones,
+    each row its chunk's bytes; the shared-encoder model gives each pair the same logits whatever else shares its
+    batch (padding changes nothing), and refuses a batch that cannot hold pairs."""
+    import torch
+    import models
+    import train_lra
+    from builder import build_model
+    bytetext.save(retrieval, tmp_path / 'bytetext_retrieval.npz', {})
+    monkeypatch.setattr(bytetext, 'DATA', tmp_path)
+    val = train_lra.TaskData('retrieval', 'validation')
+    assert len(val) == len(retrieval['validation']['labels'])
+    idx = val.by_length[[0, -1]]  # the shortest and the longest pair: the first pads a lot
+    x, mask, y = val.batch(idx)
+    docs = bytetext.documents(retrieval['validation'])
+    pairs = retrieval['validation']['pairs'][idx.numpy()]
+    for row, m, doc in zip(x, mask, [docs[a] for a in pairs[:, 0]] + [docs[b] for b in pairs[:, 1]]):
+        assert bytes(row[~m].to(torch.uint8).tolist()) == doc
+    assert y.tolist() == retrieval['validation']['labels'][idx.numpy()].tolist()
+    kw = dict(val.model_kwargs(), embed_dim=16, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    model = models.DualEncoderClassifier(build_model('ldn', sequence=True, **dict(kw, num_classes=0)), 16).eval()
+    with torch.no_grad():
+        both = model(x, mask)
+        alone_x, alone_mask, _ = val.batch(idx[:1])
+        torch.testing.assert_close(model(alone_x, alone_mask), both[:1], rtol=1e-4, atol=1e-5)
+    assert both.shape == (2, 2)
+    with pytest.raises(ValueError, match='2B rows'):
+        model(x[:3], mask[:3])

@@ -103,7 +103,7 @@ class TransformerClassifier(nn.Module):
                                                  batch_first=True, norm_first=True) for _ in range(depth)]
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()  # 0: pooled features
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_sequence_batch(x, padding_mask, self.vocab_size, self.in_features)
@@ -119,6 +119,30 @@ class TransformerClassifier(nn.Module):
             real = (~padding_mask).to(h.dtype).unsqueeze(-1)
             pooled = (h * real).sum(1) / real.sum(1)
         return self.head(self.norm(pooled))
+
+
+class DualEncoderClassifier(nn.Module):
+    """LRA's two-tower retrieval model: one shared encoder (any row built with ``num_classes=0``, so it returns its
+    pooled, normed features) reads both documents; ``[u, v, u·v, u − v]`` goes through a small MLP to the classes.
+
+    The pair travels as one batch, ``x`` ``(2B, L)``: the first ``B`` rows are the first documents, the last ``B`` the
+    second, with their padding mask, so a trainer's ``model(x, padding_mask)`` stays as it is for every task.
+    """
+
+    def __init__(self, encoder: nn.Module, embed_dim: int, num_classes: int = 2, hidden: int = 128):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(4 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.shape[0] % 2:
+            raise ValueError(f'a pair batch holds both documents of each pair, 2B rows; got {x.shape[0]} rows.')
+        u, v = self.encoder(x, padding_mask).chunk(2)
+        return self.head(torch.cat([u, v, u * v, u - v], -1))
+
+    def no_weight_decay(self) -> set:
+        inner = getattr(self.encoder, 'no_weight_decay', lambda: set())()
+        return {f'encoder.{n}' for n in inner}
 
 
 class WeakPathDiffusion(PathDiffusion):

@@ -16,6 +16,8 @@ Fashion-MNIST.
 * ``text``: byte-level classification of 1-4 kB chunks of the Linux kernel's documentation by book, 14 classes
   (``eval/lra/bytetext.py``, LRA's IMDb byte-level task on the corpus a Debian package ships; generate with
   ``apt-get install linux-doc-6.1 && python eval/lra/bytetext.py --task text``). Byte ids, 0 = padding.
+* ``retrieval``: do two such chunks come from the same file (``bytetext.py --task retrieval``; LRA's AAN task), for
+  a two-tower model (``models.DualEncoderClassifier``): a batch holds the first documents, then the second ones.
 """
 import collections
 import json
@@ -38,8 +40,8 @@ SPLITS = ('train', 'validation', 'test')
 FMNIST_MEAN, FMNIST_STD = 0.2859, 0.3529
 PERMUTATION_SEED = 0
 PATHFINDER_TASKS = {'pathfinder32_easy': (32, 'easy'), 'pathfinder32_hard': (32, 'hard')}
-TASKS = ('listops', 'sfmnist', 'psfmnist', *PATHFINDER_TASKS, 'text')
-TOKEN_TASKS = ('listops', 'text')  # token ids with padding; the others are fixed-length pixel sequences
+TASKS = ('listops', 'sfmnist', 'psfmnist', *PATHFINDER_TASKS, 'text', 'retrieval')
+TOKEN_TASKS = ('listops', 'text', 'retrieval')  # token ids with padding; the others are fixed-length pixel sequences
 
 
 def make_listops(path: Path = DATA / 'listops.pt') -> Dict[str, object]:
@@ -70,13 +72,17 @@ def text_classes() -> tuple:
     return bytetext.TEXT_CLASSES
 
 
-def load_text(split: str) -> Dict[str, torch.Tensor]:
-    """``{'ids': uint8 (N, 4096) bytes, 0 = padding, 'lengths', 'labels'}`` of the byte-level text task."""
+def load_text(split: str, task: str = 'text') -> Dict[str, torch.Tensor]:
+    """``{'ids': uint8 (N, 4096) bytes, 0 = padding, 'lengths', 'labels'}`` of the byte-level text task; for
+    ``retrieval`` the chunks, and ``pairs`` ``(P, 2)`` of chunk indices with their ``labels``."""
     import bytetext
-    splits, _ = bytetext.load_bytetext('text')
+    splits, _ = bytetext.load_bytetext(task)
     ids, lengths = bytetext.padded(splits[split])
-    return dict(ids=torch.from_numpy(ids), lengths=torch.from_numpy(lengths).long(),
-                labels=torch.from_numpy(splits[split]['labels']).long())
+    out = dict(ids=torch.from_numpy(ids), lengths=torch.from_numpy(lengths).long(),
+               labels=torch.from_numpy(splits[split]['labels']).long())
+    if task == 'retrieval':
+        out['pairs'] = torch.from_numpy(splits[split]['pairs']).long()
+    return out
 
 
 def permutation() -> torch.Tensor:

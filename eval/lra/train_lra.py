@@ -54,23 +54,28 @@ class TaskData:
 
     def __init__(self, task: str, split: str, subset: int = 0, seed: int = 0):
         self.task = task
+        self.pairs = None  # retrieval: (P, 2) chunk indices; an example is a pair, its length the longer one's
         if task in tasks.TOKEN_TASKS:
-            data = tasks.load_listops()[split] if task == 'listops' else tasks.load_text(split)
+            data = tasks.load_listops()[split] if task == 'listops' else tasks.load_text(split, task)
             self.ids, self.lengths, self.labels = data['ids'], data['lengths'], data['labels']
+            self.pairs = data.get('pairs')
         else:
             self.x, self.labels = tasks.load_pixel_task(task, split)
         if subset and subset < len(self.labels):
             keep = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(1000 + seed))[:subset]
             keep = keep.sort().values
-            if task in tasks.TOKEN_TASKS:
+            if self.pairs is not None:
+                self.pairs = self.pairs[keep]
+            elif task in tasks.TOKEN_TASKS:
                 self.ids, self.lengths = self.ids[keep], self.lengths[keep]
             else:
                 self.x = self.x[keep]
             self.labels = self.labels[keep]
+        example_lengths = self.lengths if self.pairs is None else self.lengths[self.pairs].amax(1)
 
         # training batches come from a window of length-sorted sequences (see sample): ListOps lengths run 32-512,
         # and a batch of 32 random ones pads to ~500 tokens where its median is ~250 (text: 1-4 kB, median 1.75)
-        self.by_length = self.lengths.argsort(stable=True) if task in tasks.TOKEN_TASKS else None
+        self.by_length = example_lengths.argsort(stable=True) if task in tasks.TOKEN_TASKS else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,6 +87,11 @@ class TaskData:
         return length_window_sample(self.by_length, batch_size, gen)
 
     def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Any, torch.Tensor]:
+        if self.pairs is not None:  # both documents of each pair, first ones then second ones: (2B, L)
+            docs = torch.cat([self.pairs[idx, 0], self.pairs[idx, 1]])
+            L = int(self.lengths[docs].max())
+            mask = torch.arange(L)[None, :] >= self.lengths[docs][:, None]
+            return self.ids[docs, :L].long(), mask, self.labels[idx]
         if self.task in tasks.TOKEN_TASKS:
             L = int(self.lengths[idx].max())
             ids = self.ids[idx, :L].long()
@@ -94,6 +104,8 @@ class TaskData:
             return dict(num_classes=10, vocab_size=len(tasks.listops.VOCAB), max_len=tasks.LISTOPS['max_len'])
         if self.task == 'text':
             return dict(num_classes=len(tasks.text_classes()), vocab_size=256, max_len=self.ids.shape[1])
+        if self.task == 'retrieval':
+            return dict(num_classes=2, vocab_size=256, max_len=self.ids.shape[1])
         return dict(num_classes=2 if self.task in tasks.PATHFINDER_TASKS else 10, in_features=1,
                     max_len=self.x.shape[1])
 
@@ -162,7 +174,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     val = TaskData(args.task, 'validation', args.val_subset, args.seed)
     torch.manual_seed(args.seed)
     arch = dict(ARCH, **train.model_kwargs())
-    model = build_model(args.row, sequence=True, **arch)
+    if args.task == 'retrieval':  # two towers, one shared encoder (LRA's AAN setup)
+        model = models.DualEncoderClassifier(build_model(args.row, sequence=True, **dict(arch, num_classes=0)),
+                                             arch['embed_dim'], num_classes=arch['num_classes'])
+    else:
+        model = build_model(args.row, sequence=True, **arch)
     params = sum(p.numel() for p in model.parameters())
     # timm's factories: no weight decay on 1-D parameters and on model.no_weight_decay() (K's a_raw / τ); a linear
     # warm-up over 5 % of the steps (from lr / warm-up steps), then a cosine to 0 over the rest, stepped per update

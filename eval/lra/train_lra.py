@@ -71,11 +71,12 @@ class TaskData:
             else:
                 self.x = self.x[keep]
             self.labels = self.labels[keep]
-        example_lengths = self.lengths if self.pairs is None else self.lengths[self.pairs].amax(1)
 
         # training batches come from a window of length-sorted sequences (see sample): ListOps lengths run 32-512,
         # and a batch of 32 random ones pads to ~500 tokens where its median is ~250 (text: 1-4 kB, median 1.75)
-        self.by_length = example_lengths.argsort(stable=True) if task in tasks.TOKEN_TASKS else None
+        self.by_length = None
+        if task in tasks.TOKEN_TASKS:
+            self.by_length = (self.lengths if self.pairs is None else self.lengths[self.pairs].amax(1)).argsort(stable=True)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -2,6 +2,7 @@
 import argparse
 import importlib.util
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,7 @@ def test_recipe_two_step_smoke(name):
         img, is_training=True, auto_augment=args.aa, interpolation=args.train_interpolation,
         re_prob=args.reprob, re_mode=args.remode, color_jitter=args.color_jitter)
     rng = np.random.default_rng(0)
+    random.seed(0)  # timm's RandAugment draws from Python's random: the same ops and magnitudes in every run
 
     loss_fn = SoftTargetCrossEntropy()
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -133,3 +135,19 @@ def test_recipe_two_step_smoke(name):
     assert not torch.equal(ema.module.head.fc.weight, model.head.fc.weight)
     # warmup: lr after two updates is still tiny compared to the peak
     assert optimizer.param_groups[0]['lr'] < 0.01 * args.lr
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_recipe_randaugment_never_asks_pillow_for_zero_bits(name):
+    """The recipe's RandAugment at its largest magnitude: posterize keeps >= 1 bit (timm's increasing posterize keeps
+    0 at magnitude 10, which Pillow >= 13 refuses mid-epoch), and every op runs on an image at that magnitude."""
+    from timm.data.auto_augment import rand_augment_transform
+    cfg = recipes.load(name)
+    ra = rand_augment_transform(cfg['aa'], dict(translate_const=100, img_mean=(124, 116, 104)))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for op in ra.ops:
+        top = op.magnitude_max or 10
+        if op.name.startswith('Posterize'):
+            assert op.level_fn(top, op.hparams)[0] >= 1, (op.name, top)
+        op.prob, op.magnitude, op.magnitude_std = 1., top, 0.
+        op(img)  # raises where Pillow refuses the argument

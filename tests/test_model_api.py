@@ -289,3 +289,20 @@ def test_torch_func_transforms_work():
         loss(dict(model.named_parameters()), x[i]).backward()
         for k, p in model.named_parameters():
             torch.testing.assert_close(per_sample[k][i], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_weight_init_option():
+    """``weight_init='torch'`` keeps PyTorch's Linear init (uniform, bound 1/sqrt(fan_in)); the default is ViT's
+    N(0, 0.02) with zero biases; anything else is refused with the choices named."""
+    torch.manual_seed(0)
+    default = timm.create_model('ldn_tiny', depth=1)
+    torch.manual_seed(0)
+    native = timm.create_model('ldn_tiny', depth=1, weight_init='torch')
+    fc1, fc1_native = default.blocks[0].mlp.fc1, native.blocks[0].mlp.fc1
+    bound = fc1.in_features ** -0.5
+    assert float(fc1.weight.std()) == pytest.approx(0.02, rel=0.05) and not fc1.bias.any()
+    assert float(fc1_native.weight.abs().max()) <= bound
+    assert float(fc1_native.weight.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    assert float(fc1_native.bias.abs().max()) <= bound and fc1_native.bias.any()
+    with pytest.raises(ValueError, match="weight_init must be 'trunc_normal'"):
+        timm.create_model('ldn_tiny', depth=1, weight_init='jax')

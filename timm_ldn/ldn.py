@@ -373,6 +373,7 @@ class LinearDiffusionNet(nn.Module):
             drop_block_rate: Optional[float] = None,
             bn_momentum: Optional[float] = None,
             bn_eps: Optional[float] = None,
+            weight_init: str = 'trunc_normal',
             device=None,
             dtype=None,
     ):
@@ -405,6 +406,8 @@ class LinearDiffusionNet(nn.Module):
             drop_block_rate, bn_momentum, bn_eps: Accepted because timm's ``train.py`` may pass them. LDN has
                 no BatchNorm, so ``bn_*`` are ignored with a warning; DropBlock is not supported and a
                 non-zero ``drop_block_rate`` raises (use ``drop_path_rate``).
+            weight_init: ``'trunc_normal'`` (every Linear ~ N(0, 0.02), biases 0: ViT's) or ``'torch'`` (PyTorch's
+                own Linear init, uniform with bound ``1/sqrt(fan_in)``; the sequence model's option of the same name).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -468,7 +471,11 @@ class LinearDiffusionNet(nn.Module):
             norm_layer=partial(LayerNorm2d, eps=1e-6),
             **dd,
         )
-        self.apply(self._init_weights)
+        if weight_init not in ('trunc_normal', 'torch'):
+            raise ValueError(f"weight_init must be 'trunc_normal' (ViT's, the default) or 'torch' (PyTorch's own "
+                             f"Linear init), got {weight_init!r}.")
+        if weight_init == 'trunc_normal':
+            self.apply(self._init_weights)
         # a checkpoint of another architecture / LDN size fails with one clear message, not hundreds of keys
         self._register_load_state_dict_pre_hook(architecture_pre_hook, with_module=True)
 

@@ -82,6 +82,9 @@ ROWS: Dict[str, Row] = {
                      'conv tokenizer 1-48-64, MLP ratio 2.875 (MAC budget)'),
     # the finals: the screening winner (ldn_tok32 on validation) as the registered variant, and its CCT peer
     'ldn_convtok': Row('ldn_nano_convtok_28', {}, 'ldn_nano_convtok_28: the ldn_tok32 row as a registered variant'),
+    # issue 27's init screen in 2-D: the sequence model's init question (trunc-normal 0.02 vs PyTorch's) on images
+    'ldn_convtok_torch_init': Row('ldn_nano_convtok_28', dict(weight_init='torch'),
+                                  'ldn_convtok with PyTorch\'s own Linear init (weight_init=\'torch\')'),
     'cct_tok32': Row('cct_nano_28', dict(widths=(32,), mlp_ratio=3.75),
                      'baseline: the same conv tokenizer (1-32-64), 6 timm ViT blocks 64 wide, 2 heads, MLP ratio 3.75 (MAC budget)'),
 }

@@ -26,6 +26,10 @@ row is a set of constructor arguments of ``LdnSequenceClassifier`` (``LDN_ROWS``
   (linear A_diff) with that init, without / with positions.
 * ``ldn_k_weak``: LDN with K's first step 1/10 as strong (τ init −4 instead of −1: δt·Σa = 1.8 % instead of 27 %
   of each token replaced by its neighbours at init), to test whether K's blur at init is what holds it back.
+* ``ldn_implicit*`` (issue 27): K's step solved implicitly (``ImplicitPathDiffusion``: drift, token-adaptive step),
+  ``_taylor``: the Taylor-kernel A_diff. The ablations of ``ldn_implicit_sinpos_torch_init`` remove one lever each:
+  ``_fixed_step`` (one step fraction per channel, not per token), ``_no_drift`` (symmetric kernel),
+  ``ldn_implicit_sinpos`` (trunc-normal init); ``ldn_sinpos_torch_init`` is it with the Euler step.
 """
 import sys
 from functools import partial
@@ -153,6 +157,22 @@ class WeakPathDiffusion(PathDiffusion):
         super().__init__(dim, offsets, drop_path=drop_path, tau_init=tau_init, **kwargs)
 
 
+class FixedStepImplicitDiffusion(ImplicitPathDiffusion):
+    """The exact step with one step fraction per channel, ``β = sigmoid(τ)``, the same for every token: the ablation
+    of the token-adaptive time step (issue 27, item 2)."""
+
+    def __init__(self, dim: int, offsets: Sequence[int] = (1,), drop_path: float = 0., **kwargs):
+        super().__init__(dim, offsets, drop_path=drop_path, adaptive_step=False, **kwargs)
+
+
+class SymmetricImplicitDiffusion(ImplicitPathDiffusion):
+    """The exact step without the drift: one length scale per channel for both sides (pure diffusion, the channel
+    mean conserved), the ablation of the advection term."""
+
+    def __init__(self, dim: int, offsets: Sequence[int] = (1,), drop_path: float = 0., **kwargs):
+        super().__init__(dim, offsets, drop_path=drop_path, drift=False, **kwargs)
+
+
 # LDN rows: constructor arguments of LdnSequenceClassifier (layer types from eval/ablations.py or the package)
 LDN_ROWS: Dict[str, Dict[str, Any]] = {
     'ldn': {},
@@ -180,6 +200,13 @@ LDN_ROWS: Dict[str, Dict[str, Any]] = {
     'ldn_implicit_taylor_sinpos_torch_init': dict(diffusion_layer=ImplicitPathDiffusion,
                                                   attn_layer=TaylorDiffusionAttention, pos_embed=True,
                                                   weight_init='torch'),
+    # ablations of ldn_implicit_sinpos_torch_init (the psFMNIST winner), one lever each; the Euler step in place of
+    # the exact one is ldn_sinpos_torch_init, the Taylor kernel added is ldn_implicit_taylor_sinpos_torch_init
+    'ldn_implicit_fixed_step_sinpos_torch_init': dict(diffusion_layer=FixedStepImplicitDiffusion, pos_embed=True,
+                                                      weight_init='torch'),
+    'ldn_implicit_no_drift_sinpos_torch_init': dict(diffusion_layer=SymmetricImplicitDiffusion, pos_embed=True,
+                                                    weight_init='torch'),
+    'ldn_implicit_sinpos': dict(diffusion_layer=ImplicitPathDiffusion, pos_embed=True),
 }
 
 ROWS: Dict[str, Callable[..., nn.Module]] = {

@@ -77,6 +77,34 @@ def test_implicit_step_interior_conserves_each_channels_total_and_drift_makes_it
     torch.testing.assert_close(P[0, mid, mid - 3], P[0, mid, mid + 3])  # symmetric channel
 
 
+@pytest.mark.parametrize('lengths', [None, (12, 7)], ids=['unpadded', 'padded'])
+def test_implicit_step_hand_written_backward_is_the_gradient(lengths):
+    """The FFT convolutions' backward (written as two more convolutions) against finite differences, through the
+    tokens and both length scales, with and without a mask (two paths for the denominator)."""
+    L, C = 12, 3
+    left, right = (t.requires_grad_() for t in _scales(C, spread=1.))
+    x = torch.randn(2, L, C, dtype=DT, requires_grad=True)
+    mask = None if lengths is None else _mask(lengths, L)
+    assert torch.autograd.gradcheck(lambda h, a, b: path_exponential_diffusion(h, a, b, mask), (x, left, right))
+    # torch.func transforms take the autograd-traced form: the same gradient
+    grad_x = torch.func.grad(lambda h: path_exponential_diffusion(h, left, right, mask).square().sum())(x)
+    torch.testing.assert_close(grad_x, torch.autograd.grad(
+        path_exponential_diffusion(x, left, right, mask).square().sum(), x)[0])
+
+
+def test_implicit_layer_gives_the_same_answer_in_every_autograd_mode():
+    layer = _layer()
+    mask = _mask((30, 11), 30)
+    x = torch.randn(2, 30, 6, dtype=DT, requires_grad=True)
+    outs = {}
+    for mode, ctx in (('grad', torch.enable_grad), ('no_grad', torch.no_grad), ('inference', torch.inference_mode)):
+        with ctx():
+            outs[mode] = (layer(x, mask).detach().clone(), layer(x).detach().clone())
+    for mode in ('no_grad', 'inference'):
+        for a, b in zip(outs[mode], outs['grad']):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize('adaptive_step', [True, False])
 def test_implicit_layer_never_grows_the_max_norm_whatever_the_scales(adaptive_step):
     layer = _layer(adaptive_step=adaptive_step)

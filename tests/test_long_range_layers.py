@@ -5,6 +5,8 @@
   real tokens, ``max|H|`` never grows, interior mass conservation, Theorem 1 at depth 1, fp16 / bf16 stacks finite,
   no ``L×L`` tensor.
 * ``TaylorDiffusionAttention``: ``w_ij = 1 + s + s²/2 > 0``, rows of ``D⁻¹W − I`` sum to zero, padded keys ignored.
+* ``ChunkedSoftmaxDiffusionAttention``: the softmax kernel within chunks, against its dense block-diagonal form; rows
+  sum to zero, padded keys ignored, no ``L×L`` tensor.
 * ``LdnSequenceClassifier``: layer types and ``weight_init`` round-trip through ``config.json``.
 """
 import json
@@ -15,11 +17,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_ldn.diffusion import (
-    diffusion_attention_reference, path_exponential_diffusion, path_exponential_diffusion_reference,
-    taylor_feature_map,
+    chunked_softmax_diffusion_attention_reference, diffusion_attention_reference, path_exponential_diffusion,
+    path_exponential_diffusion_reference, taylor_feature_map,
 )
 from timm_ldn.sequence import (
-    ImplicitPathDiffusion, LdnSequenceClassifier, TaylorDiffusionAttention, layer_path, resolve_layer,
+    ChunkedSoftmaxDiffusionAttention, ImplicitPathDiffusion, LdnSequenceClassifier, TaylorDiffusionAttention,
+    layer_path, resolve_layer,
 )
 
 DT = torch.float64
@@ -160,17 +163,46 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_no_tensor_grows_with_the_square_of_the_length():
-    """Forward and backward of the implicit step and the Taylor kernel at L = 4096: the largest intermediate is
+@pytest.mark.parametrize('attn_layer', [TaylorDiffusionAttention, ChunkedSoftmaxDiffusionAttention])
+def test_no_tensor_grows_with_the_square_of_the_length(attn_layer):
+    """Forward and backward of the implicit step and a linear-cost A_diff at L = 4096: the largest intermediate is
     linear in L (far below the L² = 16.8 M an attention matrix would hold)."""
     L = 4096
     torch.manual_seed(0)
     model = LdnSequenceClassifier(num_classes=3, vocab_size=8, embed_dim=8, depth=1, num_heads=2, max_len=L,
-                                  diffusion_layer=ImplicitPathDiffusion, attn_layer=TaylorDiffusionAttention)
+                                  diffusion_layer=ImplicitPathDiffusion, attn_layer=attn_layer)
     x = torch.randint(0, 8, (1, L))
     with _LargestTensor() as probe:
         model(x, _mask((L - 100,), L)).sum().backward()
-    assert probe.numel < 300 * L, probe.numel  # B·heads·L·(Taylor features) at most
+    # B·heads·L·(Taylor features), or B·heads·L·chunk (128) for the chunked softmax, at most
+    assert probe.numel < 300 * L, probe.numel
+
+
+@pytest.mark.parametrize('chunk_size', [4, 6, 64])
+def test_chunked_softmax_attention_matches_its_dense_form_rows_sum_to_zero_and_ignores_padded_keys(chunk_size):
+    torch.manual_seed(0)
+    attn = ChunkedSoftmaxDiffusionAttention(16, num_heads=2, chunk_size=chunk_size).to(DT).eval()
+    mask = _mask((11, 6), 11)
+    x = torch.randn(2, 11, 16, dtype=DT)
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).view(2, 11, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        for m in (mask, None):
+            ref = chunked_softmax_diffusion_attention_reference(q, k, v, chunk_size, m)
+            torch.testing.assert_close(attn(x, m), attn.proj(ref.transpose(1, 2).reshape(2, 11, 16)))
+        # the dense form is block-diagonal: within a chunk it is softmax attention minus the identity
+        w = torch.softmax(q[..., :4, :] @ k[..., :4, :].transpose(-2, -1) / 8 ** 0.5, -1)
+        ref = chunked_softmax_diffusion_attention_reference(q, k, v, 4)
+        torch.testing.assert_close(ref[..., :4, :], w @ v[..., :4, :] - v[..., :4, :])
+        other = x.clone()
+        other[1, 6:] = torch.randn(5, 16, dtype=DT) * 9  # new padding content: no real token changes
+        torch.testing.assert_close(attn(other, mask)[1, :6], attn(x, mask)[1, :6])
+        attn.proj.weight.copy_(torch.eye(16, dtype=DT))
+        attn.proj.bias.zero_()
+        attn.qkv.weight[32:].zero_()
+        attn.qkv.bias[32:].fill_(2.)  # V constant: A_diff(const) = 0
+        torch.testing.assert_close(attn(x, mask), torch.zeros_like(x))
+    with pytest.raises(ValueError, match='chunk_size must be a positive'):
+        ChunkedSoftmaxDiffusionAttention(16, num_heads=2, chunk_size=0)
 
 
 def test_taylor_kernel_is_the_second_order_form_of_exp_and_positive():

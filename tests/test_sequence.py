@@ -14,8 +14,8 @@ from timm_ldn.diffusion import (
 from timm.layers import Mlp
 
 from timm_ldn.sequence import (
-    DwConv1dMlp, ImplicitPathDiffusion, LdnSequenceClassifier, PathDiffusion, TaylorDiffusionAttention,
-    default_offsets,
+    ChunkedSoftmaxDiffusionAttention, DwConv1dMlp, ImplicitPathDiffusion, LdnSequenceClassifier, PathDiffusion,
+    TaylorDiffusionAttention, default_offsets,
 )
 
 OFFSETS = [1, 2, 4]
@@ -131,7 +131,8 @@ def _token_model(**kw):
 
 @pytest.mark.parametrize('layers', [
     dict(mlp_layer=DwConv1dMlp), dict(mlp_layer=Mlp), dict(diffusion_layer=ImplicitPathDiffusion),
-    dict(diffusion_layer=ImplicitPathDiffusion, attn_layer=TaylorDiffusionAttention)], ids=str)
+    dict(diffusion_layer=ImplicitPathDiffusion, attn_layer=TaylorDiffusionAttention),
+    dict(diffusion_layer=ImplicitPathDiffusion, attn_layer=ChunkedSoftmaxDiffusionAttention)], ids=str)
 def test_output_of_a_sequence_does_not_depend_on_the_padding_after_it(layers):
     m = _token_model(**layers)
     x = torch.randint(1, 12, (1, 20))

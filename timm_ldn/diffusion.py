@@ -29,6 +29,7 @@ __all__ = [
     'NEIGHBOURS_PER_SCALE', 'PATH_NEIGHBOURS_PER_SCALE',
     'path_diffusion_step', 'path_laplacian_reference', 'path_diameter', 'path_exponential_kernel',
     'path_exponential_diffusion', 'path_exponential_diffusion_reference', 'taylor_feature_map',
+    'chunked_softmax_diffusion_attention', 'chunked_softmax_diffusion_attention_reference',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
@@ -688,3 +689,66 @@ def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:
     # is a multiply and a reduction per operand (fwd + bwd of the map 337 -> 256 ms at 32 x 4 heads x 1024 x 8)
     outer = (x.unsqueeze(-1) @ (x * 0.5 ** 0.5).unsqueeze(-2)).flatten(-2)
     return torch.cat([torch.ones_like(x[..., :1]), x, outer], -1)
+
+
+# --- A_diff with the softmax kernel inside fixed chunks: selective like attention, linear in L -----------------------
+# Global mixing comes from the exact diffusion step (one layer reaches every token); A_diff adds the content-selective
+# part within a chunk, as Mega pairs its EMA with chunked attention. Chunks are fixed from position 0, so appended
+# padding moves no real token between chunks.
+
+
+def chunked_softmax_diffusion_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        chunk_size: int,
+        key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``(D⁻¹W − I)·V`` with ``w_ij = exp(q_i·k_j/√d)`` when ``i`` and ``j`` share a chunk of ``chunk_size`` tokens
+    (``⌊i/c⌋ = ⌊j/c⌋``) and ``j`` is real, else ``0``: rows sum to zero, ``O(L·c)`` time and memory.
+
+    Args:
+        q, k, v: ``(B, heads, L, d)``.
+        chunk_size: Tokens per chunk ``c`` (the last chunk is padded inside; those keys get no weight).
+        key_padding_mask: ``(B, L)`` bool, True where padded: those tokens are no keys (a padded query attends to
+            itself only, so no row is empty; its output is ``0``).
+    """
+    B, H, L, d = q.shape
+    c = min(chunk_size, L)
+    pad = (-L) % c
+    n = (L + pad) // c
+    padded = key_padding_mask
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        if padded is None:
+            padded = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+        padded = F.pad(padded, (0, pad), value=True)
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # (B, H, n·c, d) -> (B·n, H, c, d)
+        return t.view(B, H, n, c, d).transpose(1, 2).reshape(B * n, H, c, d)
+
+    mask = None
+    if padded is not None:
+        own = torch.eye(c, dtype=torch.bool, device=q.device)
+        mask = (~padded).view(B * n, 1, 1, c) | own  # (B·n, 1, c, c)
+    y = F.scaled_dot_product_attention(chunks(q), chunks(k), chunks(v), attn_mask=mask) - chunks(v)
+    return y.view(B, n, H, c, d).transpose(1, 2).reshape(B, H, n * c, d)[:, :, :L]
+
+
+def chunked_softmax_diffusion_attention_reference(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        chunk_size: int,
+        key_padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Dense form of :func:`chunked_softmax_diffusion_attention` with the ``L×L`` matrix built explicitly (tests
+    only)."""
+    L, d = q.shape[-2:]
+    chunk = torch.arange(L, device=q.device) // chunk_size
+    allowed = (chunk[:, None] == chunk[None, :])[None, None]  # (1, 1, L, L)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    allowed = allowed | torch.eye(L, dtype=torch.bool, device=q.device)
+    w = torch.exp((q @ k.transpose(-2, -1)) / d ** 0.5) * allowed
+    return (w / w.sum(-1, keepdim=True)) @ v - v

@@ -27,13 +27,13 @@ from huggingface_hub import PyTorchModelHubMixin
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
 
 from .diffusion import (
-    PATH_NEIGHBOURS_PER_SCALE, feature_diffusion_attention, path_diffusion_step, path_exponential_diffusion,
-    taylor_feature_map,
+    PATH_NEIGHBOURS_PER_SCALE, chunked_softmax_diffusion_attention, feature_diffusion_attention, path_diffusion_step,
+    path_exponential_diffusion, taylor_feature_map,
 )
 from .ldn import DiffusionAttention, DiffusionParams, DwConvMlp, LdnBlock
 
-__all__ = ['PathDiffusion', 'ImplicitPathDiffusion', 'TaylorDiffusionAttention', 'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceClassifier', 'SinusoidalPositions',
-           'default_offsets', 'load_published', 'sinusoidal_positions', 'layer_path', 'resolve_layer']
+__all__ = ['PathDiffusion', 'ImplicitPathDiffusion', 'TaylorDiffusionAttention', 'ChunkedSoftmaxDiffusionAttention',
+           'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceClassifier', 'SinusoidalPositions', 'default_offsets', 'load_published', 'sinusoidal_positions', 'layer_path', 'resolve_layer']
 
 
 def default_offsets(max_len: int) -> Tuple[int, ...]:
@@ -184,6 +184,31 @@ class TaylorDiffusionAttention(DiffusionAttention):
         q, k = qk.view(B, N, 2, h, e).permute(2, 0, 3, 1, 4).unbind(0)
         v = v.view(B, N, h, self.head_dim).transpose(1, 2)
         y = feature_diffusion_attention(taylor_feature_map(q), taylor_feature_map(k), v, padding_mask)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, C))).reshape(shape)
+
+
+class ChunkedSoftmaxDiffusionAttention(DiffusionAttention):
+    """A_diff with the softmax kernel inside fixed chunks of ``chunk_size`` tokens:
+    ``(softmax(QKᵀ/√d) − I)·V`` over each chunk's real tokens (:func:`~timm_ldn.diffusion.chunked_softmax_diffusion_attention`).
+    Rows sum to zero; ``O(L·chunk_size)``, never an ``L×L`` tensor. Selective as softmax (elu + 1 and the Taylor
+    kernel start near uniform), local by construction: pair it with a diffusion layer that is global after one
+    step (``ImplicitPathDiffusion``), as Mega pairs chunked attention with an EMA. Appended padding moves no real
+    token between chunks.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, proj_drop: float = 0.,
+                 chunk_size: int = 128, device=None, dtype=None):
+        super().__init__(dim, num_heads, qkv_bias, proj_drop, device=device, dtype=dtype)
+        if chunk_size < 1:
+            raise ValueError(f'chunk_size must be a positive number of tokens, got {chunk_size}.')
+        self.chunk_size = chunk_size
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(shape[0], -1, shape[-1])
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = chunked_softmax_diffusion_attention(q, k, v, self.chunk_size, padding_mask)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, C))).reshape(shape)
 
 

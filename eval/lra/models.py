@@ -30,6 +30,8 @@ row is a set of constructor arguments of ``LdnSequenceClassifier`` (``LDN_ROWS``
   ``_taylor``: the Taylor-kernel A_diff. The ablations of ``ldn_implicit_sinpos_torch_init`` remove one lever each:
   ``_fixed_step`` (one step fraction per channel, not per token), ``_no_drift`` (symmetric kernel),
   ``ldn_implicit_sinpos`` (trunc-normal init); ``ldn_sinpos_torch_init`` is it with the Euler step.
+  ``ldn_implicit_chunk_sinpos_torch_init``: A_diff with the softmax kernel inside 128-token chunks
+  (``ChunkedSoftmaxDiffusionAttention``, linear cost), global mixing left to the exact step (Mega's pairing).
 """
 import sys
 from functools import partial
@@ -43,7 +45,8 @@ from timm.layers import Mlp
 
 from timm_ldn.diffusion import positive_feature_map
 from timm_ldn.sequence import (
-    ImplicitPathDiffusion, LdnSequenceClassifier, PathDiffusion, TaylorDiffusionAttention, check_sequence_batch,
+    ChunkedSoftmaxDiffusionAttention, ImplicitPathDiffusion, LdnSequenceClassifier, PathDiffusion,
+    TaylorDiffusionAttention, check_sequence_batch,
     sinusoidal_positions,
 )
 
@@ -207,6 +210,10 @@ LDN_ROWS: Dict[str, Dict[str, Any]] = {
     'ldn_implicit_no_drift_sinpos_torch_init': dict(diffusion_layer=SymmetricImplicitDiffusion, pos_embed=True,
                                                     weight_init='torch'),
     'ldn_implicit_sinpos': dict(diffusion_layer=ImplicitPathDiffusion, pos_embed=True),
+    # Mega's pairing: the exact step mixes globally, A_diff selects with the softmax kernel inside 128-token chunks
+    'ldn_implicit_chunk_sinpos_torch_init': dict(diffusion_layer=ImplicitPathDiffusion,
+                                                 attn_layer=ChunkedSoftmaxDiffusionAttention, pos_embed=True,
+                                                 weight_init='torch'),
 }
 
 ROWS: Dict[str, Callable[..., nn.Module]] = {

@@ -94,3 +94,24 @@ def test_lra_resume_maps_optimizer_state_by_name_across_a_change_of_groups():
     with pytest.raises(ValueError, match='without --resume'):
         load_optimizer_state(create_optimizer_v2(deeper, 'adamw', lr=1e-3), deeper, opt.state_dict(),
                              optimizer_param_names(opt, new))
+
+
+def test_lra_long_runs_are_named_apart_from_the_main_table_and_take_the_device(tmp_path, monkeypatch):
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
+    import study
+    launched = []
+    monkeypatch.setattr(study, 'RESULTS', tmp_path)
+    monkeypatch.setattr(study, 'run_jobs', lambda commands, *a, **k: launched.extend(commands) or 0)
+    study.main(['long', '--task', 'listops', '--rows', 'transformer', '--seeds', '0', '1', '--steps', '100',
+                '--device', 'cuda'])
+    assert [name for name, _ in launched] == ['long100-listops-transformer-s0', 'long100-listops-transformer-s1']
+    for name, cmd in launched:
+        assert cmd[cmd.index('--device') + 1] == 'cuda' and cmd[cmd.index('--experiment') + 1] == name
+        assert cmd[cmd.index('--steps') + 1] == '100' and '--resume' in cmd
+    launched.clear()
+    study.main(['run', '--task', 'listops', '--rows', 'transformer', '--steps', '100'])
+    (name, cmd), = launched
+    assert name == 'listops_transformer_s0' and cmd[cmd.index('--device') + 1] == 'cpu'
+    (tmp_path / 'long100-listops-transformer-s0.json').write_text('{"task": "listops"}')
+    assert study.report() == []  # a long run never enters the equal-step table

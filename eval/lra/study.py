@@ -6,6 +6,7 @@
     python eval/lra/study.py report        # -> eval/results/lra/lra.{csv,json,md}, lra_curves.png
     python eval/lra/study.py screen --task listops --rows ldn ldn_sinpos ldn_k_local ldn_k_weak --steps 1000
     python eval/lra/study.py screen-report  # -> eval/results/lra/screen.md
+    python eval/lra/study.py long --task listops --rows ldn_implicit_sinpos_torch_init transformer --steps 32000 --snapshot
 
 ``screen`` runs short single-seed variants (its own cosine schedule over ``--steps``) for choosing what to run in
 full; its runs are named ``screen<steps>-<task>-<row>[-lr<lr>]`` and stay out of the main table.
@@ -49,10 +50,17 @@ def screen_name(task: str, row: str, steps: int, lr: float) -> str:
     return f'screen{steps}-{task}-{row}' + (f'-lr{lr:g}' if lr != 1e-3 else '')
 
 
+def long_name(task: str, row: str, steps: int, seed: int) -> str:
+    return f'long{steps}-{task}-{row}-s{seed}'
+
+
 def run(task: str, rows: List[str], seeds: List[int], steps: int, jobs: int, snapshot: bool, extra: List[str],
-        screen_lr: float = 0.) -> int:
-    """The runs (``screen_lr`` > 0: screening runs at that learning rate, seed 0 only)."""
-    if screen_lr:
+        screen_lr: float = 0., long: bool = False) -> int:
+    """The runs (``screen_lr`` > 0: screening runs at that learning rate, seed 0 only; ``long``: long runs, named
+    apart from the main table's equal-step runs)."""
+    if long:
+        name_of = lambda r, s: long_name(task, r, steps, s)  # noqa: E731
+    elif screen_lr:
         name_of = lambda r, s: screen_name(task, r, steps, screen_lr)  # noqa: E731
         extra = extra + ['--lr', str(screen_lr)]
     else:
@@ -86,7 +94,7 @@ def _log(run: Dict) -> List[Dict[str, float]]:
 
 def report() -> List[Dict]:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob('*_s[0-9]*.json'))
-               if not p.name.startswith('screen')]
+               if not p.name.startswith(('screen', 'long'))]
     table = []
     for task in tasks.TASKS:
         runs = [r for r in results if r['task'] == task]
@@ -131,6 +139,9 @@ def report() -> List[Dict]:
                      f"(in {t['equal_time_s'] / 60:.0f} min) | {t['train_seq_s']:.1f} | {t['train_s'] / 60:.0f} min |")
     lines += lra_table(table)
     (RESULTS / 'lra.md').write_text('\n'.join(lines) + '\n')
+    if not table:  # nothing finished yet (a fresh clone): the tables say so, no empty figure
+        print(f'no finished runs in {RESULTS}')
+        return table
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -184,16 +195,18 @@ def lra_table(table: List[Dict]) -> List[str]:
 
 
 def screen_report() -> List[Dict]:
-    """``screen.md``: every screening run, with the final training loss (underfitting shows there first)."""
+    """``screen.md``: every screening run and long run, with the final training loss (underfitting shows there
+    first)."""
     rows = []
-    for p in sorted(RESULTS.glob('screen[0-9]*.json')):
+    for p in sorted(RESULTS.glob('screen[0-9]*.json')) + sorted(RESULTS.glob('long[0-9]*.json')):
         r = json.loads(p.read_text())
         _snapshots().keep_log(p.stem)  # the log only: the report must rebuild on a fresh clone
         log = _log(r)
         rows.append(dict(run=p.stem, task=r['task'], row=r['row'], lr=r['lr'], steps=r['steps'], params=r['params'],
                          train_loss=log[-1]['train_loss'], train_acc=log[-1]['train_acc'], val_acc=r['val_acc'],
                          test_acc=r['test_acc'], train_seq_s=r['train_seq_s']))
-    lines = ['# Screening runs (seed 0, short schedules; `python eval/lra/study.py screen-report`)', '',
+    lines = ['# Screening runs (seed 0, short schedules) and long runs (`long<steps>-…`); '
+             '`python eval/lra/study.py screen-report`', '',
              'Each run has its own warm-up + cosine schedule over its step budget, batch 32, one thread. Selection '
              'reads validation; test is shown for the record.', '',
              '| run | row | lr | steps | final train loss | final train acc | best val acc | test acc | train seq/s |',
@@ -219,6 +232,15 @@ def main(argv=None) -> int:
     r.add_argument('--jobs', type=int, default=2)
     r.add_argument('--snapshot', action='store_true')
     r.add_argument('--train-subset', type=int, default=0)
+    r.add_argument('--device', default='cpu', help="'cpu' (one thread per run) or 'cuda'")
+    lg = sub.add_parser('long', help='long runs (issue 27: >= 1 M sequences), outside the main table')
+    lg.add_argument('--task', choices=tasks.TASKS, required=True)
+    lg.add_argument('--rows', nargs='+', choices=list(models.ROWS), required=True)
+    lg.add_argument('--seeds', nargs='+', type=int, default=[0])
+    lg.add_argument('--steps', type=int, default=32000)
+    lg.add_argument('--jobs', type=int, default=2)
+    lg.add_argument('--snapshot', action='store_true')
+    lg.add_argument('--device', default='cpu', help="'cpu' (one thread per run) or 'cuda'")
     sc = sub.add_parser('screen')
     sc.add_argument('--task', choices=tasks.TASKS, required=True)
     sc.add_argument('--rows', nargs='+', choices=list(models.ROWS), required=True)
@@ -231,7 +253,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == 'run':
         extra = ['--train-subset', str(args.train_subset)] if args.train_subset else []
-        return run(args.task, args.rows, args.seeds, args.steps, args.jobs, args.snapshot, extra)
+        return run(args.task, args.rows, args.seeds, args.steps, args.jobs, args.snapshot,
+                   extra + ['--device', args.device])
+    if args.cmd == 'long':
+        return run(args.task, args.rows, args.seeds, args.steps, args.jobs, args.snapshot, ['--device', args.device],
+                   long=True)
     if args.cmd == 'screen':
         return run(args.task, args.rows, [0], args.steps, args.jobs, False, [], screen_lr=args.lr)
     if args.cmd == 'screen-report':

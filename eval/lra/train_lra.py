@@ -154,13 +154,17 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, saved: Di
     opt.load_state_dict(dict(state=state, param_groups=current['param_groups']))
 
 
+def to_device(batch: Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor], device: torch.device):
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in batch)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TaskData, batch_size: int = 100) -> float:
+def evaluate(model: nn.Module, data: TaskData, batch_size: int = 100, device: Any = 'cpu') -> float:
     model.eval()
     correct = 0
     order = data.by_length if data.by_length is not None else torch.arange(len(data))  # batches pad less
     for start in range(0, len(data), batch_size):
-        x, mask, y = data.batch(order[start:start + batch_size])
+        x, mask, y = to_device(data.batch(order[start:start + batch_size]), device)
         correct += (model(x, mask).argmax(-1) == y).sum().item()
     model.train()
     return 100. * correct / len(data)
@@ -168,6 +172,7 @@ def evaluate(model: nn.Module, data: TaskData, batch_size: int = 100) -> float:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     name = args.experiment or f'{args.task}_{args.row}_s{args.seed}'
     run_dir = RUNS / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +185,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                              arch['embed_dim'], num_classes=arch['num_classes'])
     else:
         model = build_model(args.row, sequence=True, **arch)
+    model = model.to(device)
     params = sum(p.numel() for p in model.parameters())
     # timm's factories: no weight decay on 1-D parameters and on model.no_weight_decay() (K's a_raw / τ); a linear
     # warm-up over 5 % of the steps (from lr / warm-up steps), then a cosine to 0 over the rest, stepped per update
@@ -192,7 +198,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed)
     last = run_dir / 'last.pt'
     if args.resume and last.is_file():
-        ckpt = torch.load(last, weights_only=False)
+        ckpt = torch.load(last, weights_only=False, map_location=device)
         model.load_state_dict(ckpt['model'])
         load_optimizer_state(opt, model, ckpt['opt'], ckpt.get('opt_names'))
         step, rows, best = ckpt['step'], ckpt['rows'], ckpt['best']
@@ -202,7 +208,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     t0, seen, loss_sum, correct = time.perf_counter(), 0, 0., 0
     while step < args.steps:
         idx = train.sample(args.batch_size, gen)
-        x, mask, y = train.batch(idx)
+        x, mask, y = to_device(train.batch(idx), device)
         sched.step_update(step)
         out = model(x, mask)
         loss = F.cross_entropy(out, y)
@@ -216,7 +222,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         correct += (out.argmax(-1) == y).sum().item()
         if step % args.eval_every == 0 or step == args.steps:
             train_s = time.perf_counter() - t0
-            val_acc = evaluate(model, val)
+            val_acc = evaluate(model, val, device=device)
             cum = (rows[-1]['cum_train_s'] if rows else 0.) + train_s
             rows.append(dict(step=step, train_loss=loss_sum / seen, train_acc=100. * correct / seen, val_acc=val_acc,
                              train_s=train_s, cum_train_s=cum, seq_s=seen / train_s, lr=opt.param_groups[0]['lr']))
@@ -232,14 +238,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             print(f'{name} step {step}/{args.steps} loss {rows[-1]["train_loss"]:.3f} train {rows[-1]["train_acc"]:.1f} '
                   f'val {val_acc:.2f} (best {best:.2f}) {rows[-1]["seq_s"]:.0f} seq/s', flush=True)
             t0, seen, loss_sum, correct = time.perf_counter(), 0, 0., 0
-    model.load_state_dict(torch.load(run_dir / 'best.pt', weights_only=True))
+    model.load_state_dict(torch.load(run_dir / 'best.pt', weights_only=True, map_location=device))
     best_row = max(rows, key=lambda r: r['val_acc'])
-    test_acc = evaluate(model, TaskData(args.task, 'test'))
+    test_acc = evaluate(model, TaskData(args.task, 'test'), device=device)
     summary = dict(task=args.task, row=args.row, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                    lr=args.lr, arch=arch, params=params, train_subset=args.train_subset or len(train),
                    val_subset=len(val), best_step=best_row['step'], val_acc=best_row['val_acc'], test_acc=test_acc,
                    train_seq_s=sum(r['seq_s'] * r['train_s'] for r in rows) / sum(r['train_s'] for r in rows),
-                   train_s=rows[-1]['cum_train_s'], threads=args.threads, log=str((run_dir / 'log.csv').relative_to(HERE.parent.parent)))
+                   train_s=rows[-1]['cum_train_s'], threads=args.threads, device=str(device), log=str((run_dir / 'log.csv').relative_to(HERE.parent.parent)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f'{name}.json').write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1), flush=True)
@@ -259,6 +265,7 @@ def main(argv=None) -> int:
     p.add_argument('--train-subset', type=int, default=0, help='train on a fixed random subset (0: all)')
     p.add_argument('--val-subset', type=int, default=2000, help='validation sequences scored per evaluation')
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (eval/lra/gpu_long_runs.sh)")
     p.add_argument('--experiment', default='')
     p.add_argument('--resume', action='store_true')
     run(p.parse_args(argv))

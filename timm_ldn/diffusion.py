@@ -614,6 +614,8 @@ class _CircularConvolutionFn(torch.autograd.Function):
 
 
 def _convolve(x: torch.Tensor, kernel: torch.Tensor, n: int) -> torch.Tensor:
+    """The linear convolution of ``x`` with a time-domain circular ``kernel`` ``(n, C)``; its hand-written backward
+    where autograd would run (the same values in every autograd mode)."""
     if _custom_backward(x, kernel):
         return _CircularConvolutionFn.apply(x, kernel, n)
     return _circular_convolution(x, torch.fft.rfft(kernel, n=n, dim=0), n)

@@ -154,7 +154,9 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, saved: Di
     opt.load_state_dict(dict(state=state, param_groups=current['param_groups']))
 
 
-def to_device(batch: Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor], device: torch.device):
+def to_device(batch: Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor], device: torch.device,
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """``(x, padding_mask or None, labels)`` on ``device`` (the data stays on the CPU; batches travel)."""
     return tuple(None if t is None else t.to(device, non_blocking=True) for t in batch)
 
 

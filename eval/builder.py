@@ -28,12 +28,14 @@ for sub in ('fmnist', 'lra'):
 __all__ = ['build_model']
 
 
-def build_model(name: str, *, sequence: bool = False, img_size: Optional[int] = None, device: Any = 'cpu',
-                **kwargs: Any) -> nn.Module:
+def build_model(name: str, *, sequence: bool = False, registered: bool = False, img_size: Optional[int] = None,
+                device: Any = 'cpu', **kwargs: Any) -> nn.Module:
     """A study row, a baseline, a sequence-benchmark row (``sequence=True``) or a registered timm model, with
     ``kwargs`` (``num_classes``, ``in_chans``, architecture overrides, layer types or their dotted paths) on top.
 
     ``img_size`` goes to models whose constructor takes it (a ViT's position embedding is fixed at creation).
+    ``registered=True`` asks for the timm model where a study row has the same name (the block study's v1 row is
+    called ``ldn_base``, as is timm's ViT-B-sized LDN): the speed benchmarks compare registered models.
     """
     if sequence:
         import models as sequence_rows  # eval/lra/models.py
@@ -41,6 +43,10 @@ def build_model(name: str, *, sequence: bool = False, img_size: Optional[int] = 
             raise ValueError(f'unknown sequence row {name!r}; rows: {list(sequence_rows.ROWS)}.')
         with torch.device(device):
             return sequence_rows.ROWS[name](**kwargs)
+    if registered:
+        if not timm.is_model(split_model_name_tag(name)[0]):
+            raise ValueError(f'{name!r} is not registered with timm.')
+        return create_timm_model(name, img_size, kwargs, device).train()
     import study_models  # eval/fmnist/study_models.py
     if name in study_models.ROWS:
         row = study_models.ROWS[name]

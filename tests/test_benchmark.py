@@ -148,3 +148,15 @@ def test_ab_speed_times_each_build_against_its_peer_in_the_same_process(tmp_path
     assert row['new_over_old_normalised'] == pytest.approx(
         saved['runs']['seq_train_L256_b32']['old'][0]['peer_over_ldn'] / run['peer_over_ldn'])
     assert 'peer-normalised' in out.with_suffix('.md').read_text()
+
+
+def test_speed_benchmarks_build_the_registered_model_where_a_study_row_shares_its_name():
+    """The block study's v1 row is called ``ldn_base``, like timm's ViT-B-sized LDN: the one builder gives the row,
+    the speed benchmarks (which compare registered models) get timm's model."""
+    from builder import build_model
+    bench = H.bench_model('ldn_base', 64, 'meta')
+    assert bench.embed_dim == 768 and bench.in_chans == 3
+    row = build_model('ldn_base', device='meta')
+    assert row.in_chans == 1 and row.embed_dim != 768
+    with pytest.raises(ValueError, match='not registered with timm'):
+        build_model('ldn_v2', registered=True)

@@ -114,7 +114,8 @@ def bench_model(name: str, resolution: int, device: Any = 'cpu',
     """``name`` from the one builder (``eval/builder.py``) for ``resolution`` px, in eval mode: ViTs get ``img_size``
     so their pos-embed fits (timm's own benchmark.py cannot run a DeiT at another resolution without re-creating it
     this way; LDN needs nothing)."""
-    return build_model(name, img_size=resolution, device=device, **ldn_kwargs(name, model_kwargs)).eval()
+    return build_model(name, registered=True, img_size=resolution, device=device,
+                       **ldn_kwargs(name, model_kwargs)).eval()
 
 
 def model_gmacs(name: str, resolution: int, model_kwargs: Optional[Mapping[str, Any]] = None) -> float:

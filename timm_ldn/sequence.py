@@ -33,7 +33,8 @@ from .diffusion import (
 from .ldn import DiffusionAttention, DiffusionParams, DwConvMlp, LdnBlock
 
 __all__ = ['PathDiffusion', 'ImplicitPathDiffusion', 'TaylorDiffusionAttention', 'ChunkedSoftmaxDiffusionAttention',
-           'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceClassifier', 'SinusoidalPositions', 'default_offsets', 'load_published', 'sinusoidal_positions', 'layer_path', 'resolve_layer']
+           'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceClassifier', 'SinusoidalPositions', 'default_offsets',
+           'load_published', 'sinusoidal_positions', 'layer_path', 'resolve_layer']
 
 
 def default_offsets(max_len: int) -> Tuple[int, ...]:

@@ -225,3 +225,40 @@ def test_attention_module_matches_reference_on_maps_and_sequences() -> None:
     torch.testing.assert_close(attn(x), ref, **TOL)
     # a (B, h, w, C) map is the same tokens in row-major order, and comes back as a map
     torch.testing.assert_close(attn(x.reshape(2, 2, 5, 12)), ref.reshape(2, 2, 5, 12), **TOL)
+
+
+def _live_peak_bytes(fn) -> int:
+    """High-water mark of live tensor bytes during ``fn()`` (profiler allocation / free events, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize('padding_mask', [False, True])
+def test_conv_mlp_holds_at_most_two_hidden_tensors(padding_mask: bool) -> None:
+    """F's inference forward keeps at most two hidden-width tensors alive at once (conv input + output, then conv
+    output + activation), as timm's ``Mlp`` does: holding fc1's output through the activation cost LDN 1.3x DeiT's
+    peak memory."""
+    from timm_ldn.ldn import DwConvMlp
+    from timm_ldn.sequence import DwConv1dMlp
+    dim, hidden = 32, 256
+    if padding_mask:
+        mlp, x = DwConv1dMlp(dim, hidden).eval(), torch.randn(1, 256, dim)
+        mask = torch.zeros(1, 256, dtype=torch.bool)
+        mask[:, -16:] = True
+    else:
+        mlp, x, mask = DwConvMlp(dim, hidden).eval(), torch.randn(1, 16, 16, dim), None
+
+    def forward() -> None:
+        with torch.inference_mode():
+            mlp(x, mask)
+    hidden_bytes = 256 * hidden * 4
+    peak = _live_peak_bytes(forward)
+    assert 2 * hidden_bytes <= peak < 2.5 * hidden_bytes, (peak, hidden_bytes)

@@ -198,11 +198,16 @@ class DwConvMlp(nn.Module):
         return self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # one statement per op (timm's Mlp order): each hidden-width tensor is released as soon as the next one
+        # exists, so at most two are alive (nesting conv inside act kept fc1's output alive: +1 hidden tensor)
         x = self.fc1(x)
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.)
-        x = self.drop1(self.act(self.conv(x)))
-        return self.drop2(self.fc2(x))
+        x = self.conv(x)
+        x = self.act(x)
+        x = self.drop1(x)
+        x = self.fc2(x)
+        return self.drop2(x)
 
 
 class LdnBlock(nn.Module):

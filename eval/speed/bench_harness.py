@@ -47,7 +47,7 @@ from builder import build_model  # noqa: E402  eval/builder.py: the one builder
 
 __all__ = ['Case', 'plan_cases', 'bench_model', 'ldn_kwargs', 'model_gmacs', 'peak_memory_mb', 'time_round_robin',
            'train_step_round_robin', 'fit_exponent', 'run_benchmark', 'write_results', 'markdown_table',
-           'run_profiles', 'kwargs_to_args']
+           'run_profiles', 'kwargs_to_args', 'memory_table']
 
 PAIRS = {  # size -> (LDN model, its DeiT reference)
     'tiny': ('ldn_tiny', 'deit_tiny_patch16_224'),
@@ -154,6 +154,24 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float:
         with torch.inference_mode():
             model(x)
     return live_peak_mb(forward)
+
+
+def memory_table(cases: Sequence[Case], device: torch.device,
+                 model_kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[List[Dict[str, Any]], str]:
+    """Batch-1 peak live memory of each LDN / DeiT pair of the plan, and the ratio (rows, markdown table). Allocation
+    counts do not depend on load or timing, so this table can be regenerated on a busy machine."""
+    rows = []
+    for case in cases:
+        ldn, deit = PAIRS[case.size]
+        x = torch.randn(1, 3, case.resolution, case.resolution, device=device)
+        mem = {name: peak_memory_mb(bench_model(name, case.resolution, device, model_kwargs), x)
+               for name in (ldn, deit)}
+        rows.append(dict(model=ldn, peer=deit, resolution=case.resolution, peak_mem_mb_b1=mem[ldn],
+                         peer_peak_mem_mb_b1=mem[deit], ratio=mem[ldn] / mem[deit]))
+    lines = ['| model | res | peak live MiB, batch 1 | DeiT peer | ratio |', '|---|---|---|---|---|']
+    lines += [f"| {r['model']} | {r['resolution']} | {r['peak_mem_mb_b1']:.2f} | {r['peer_peak_mem_mb_b1']:.2f} | "
+              f"**{r['ratio']:.3f}×** |" for r in rows]
+    return rows, '\n'.join(lines)
 
 
 def live_peak_mb(fn: Callable[[], object]) -> float:

@@ -8,11 +8,13 @@
     python eval/speed/benchmark.py --model-kwargs mlp_ratio=3.5 --name cand    # a candidate block, same tables
     python eval/speed/benchmark.py --quick             # smoke run in seconds
     python eval/speed/benchmark.py --profile           # torch.profiler top ops, LDN-S vs DeiT-S -> benchmark_profile*.md
+    python eval/speed/benchmark.py --memory            # batch-1 peak live memory vs DeiT only (load-independent) -> benchmark_memory.*
 
 One model on your own machine, from the installed package: ``ldn benchmark MODEL``.
 Why the measurements are taken the way they are: the docstring of eval/speed/bench_harness.py.
 """
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
@@ -29,6 +31,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--profile', action='store_true',
                         help='only write torch.profiler top-op tables (LDN-S vs DeiT-S) to <out-dir>/benchmark_profile*.md')
+    parser.add_argument('--memory', action='store_true',
+                        help='only the batch-1 peak live memory of each LDN / DeiT pair -> <out-dir>/benchmark_memory.*; '
+                             'allocations do not depend on load, so it can run on a busy machine')
     parser.add_argument('--quick', action='store_true', help='seconds-long smoke run (tiny models, small images)')
     parser.add_argument('--mode', choices=H.MODES, default='eager',
                         help="'eager' fp32, 'compile' (torch.compile, inductor) or 'bf16' (autocast), both models")
@@ -98,6 +103,17 @@ def run(args: argparse.Namespace) -> int:
     if args.resolutions:
         keep = {int(r) for r in args.resolutions.split(',')}
         cases = [c for c in cases if c.resolution in keep]
+    if args.memory:
+        rows, table = H.memory_table(cases, device, args.model_kwargs)
+        stem = args.name or ('benchmark_memory_quick' if args.quick else 'benchmark_memory')
+        os.makedirs(args.out_dir, exist_ok=True)
+        command = command_line(args) + ' --memory'
+        with open(os.path.join(args.out_dir, stem + '.json'), 'w') as f:
+            json.dump(dict(rows=rows, command=command, environment=H.environment(device)), f, indent=1)
+        with open(os.path.join(args.out_dir, stem + '.md'), 'w') as f:
+            f.write(f'# Peak live memory, batch 1, inference (`{command}`)\n\n{table}\n')
+        print(table)
+        return 0
     train = None
     if not args.no_train:
         train = ('tiny', 64, 2, 2) if args.quick else ('small', 224, args.train_batch, args.rounds)

@@ -115,3 +115,29 @@ def test_lra_long_runs_are_named_apart_from_the_main_table_and_take_the_device(t
     assert name == 'listops_transformer_s0' and cmd[cmd.index('--device') + 1] == 'cpu'
     (tmp_path / 'long100-listops-transformer-s0.json').write_text('{"task": "listops"}')
     assert study.report() == []  # a long run never enters the equal-step table
+
+
+def test_lra_table_takes_main_runs_over_screens_and_marks_what_is_published(tmp_path, monkeypatch):
+    import json
+    sys.path.insert(0, str(ROOT / 'eval' / 'lra'))
+    import study
+    monkeypatch.setattr(study, 'RESULTS', tmp_path)
+    main_runs = [dict(task='listops', row='ldn', seeds=[0, 1], steps=4000, test_acc=35.0)]
+    screens = [dict(task='listops', row='ldn', lr=1e-3, steps=2000, val_acc=40.0, test_acc=39.0),  # main run wins
+               dict(task='listops', row='transformer', lr=1e-3, steps=2000, val_acc=36.0, test_acc=35.5),
+               dict(task='listops', row='transformer', lr=1e-3, steps=1000, val_acc=37.0, test_acc=36.5),  # best val
+               dict(task='listops', row='linear_transformer', lr=5e-4, steps=2000, val_acc=50.0, test_acc=50.0)]
+    for i, r in enumerate(screens):
+        (tmp_path / f'screen{r["steps"]}-{i}.json').write_text(json.dumps(r))
+    (tmp_path / 'pathfinder_cnn_hard.json').write_text(json.dumps(dict(test_acc=56.0, epochs=15)))
+    table = study.lra_table(main_runs)
+    rows = {r['model']: r['cells'] for r in table['rows']}
+    assert rows['ldn'] == {'listops': dict(test_acc=35.0, seeds=2, steps=4000, kind='main')}
+    assert rows['transformer']['listops']['test_acc'] == 36.5 and rows['transformer']['listops']['kind'] == 'screen'
+    assert 'linear_transformer' not in rows  # an lr screen tunes a row; it is not the row's result
+    assert rows['CNN (2-D image, sanity check)'] == {'pathfinder': dict(test_acc=56.0, seeds=1, steps=15,
+                                                                        kind='epochs')}
+    md = (tmp_path / 'lra_table.md').read_text()
+    assert '| ldn | 35.00 (2x4000) |' in md and '36.50 (1x1000 screen)' in md
+    assert '| Transformer (published) | 36.37 |' in md and md.count('(published)') == len(study.LRA_PUBLISHED)
+    assert json.loads((tmp_path / 'lra_table.json').read_text()) == table

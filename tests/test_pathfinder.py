@@ -147,3 +147,15 @@ def test_sequence_benchmark_reads_pathfinder_as_1024_pixel_steps(tmp_path, monke
     assert y.tolist() == labels.tolist()
     assert val.model_kwargs() == dict(num_classes=2, in_features=1, max_len=1024)
     assert 'pathfinder32_hard' in tasks.TASKS
+
+
+def test_parallel_generation_is_deterministic_balanced_and_one_worker_is_the_serial_generator():
+    length = pathfinder.DIFFICULTY['easy']
+    a, la = pathfinder.make_pathfinder_parallel(41, 32, length, seed=3, workers=2)
+    b, lb = pathfinder.make_pathfinder_parallel(41, 32, length, seed=3, workers=2)
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    assert a.shape == (41, 32, 32) and abs(int(la.sum()) - 20) <= 1
+    assert len({im.tobytes() for im in a}) == 41
+    serial = pathfinder.make_pathfinder(12, 32, length, seed=3)
+    one = pathfinder.make_pathfinder_parallel(12, 32, length, seed=3, workers=1)
+    assert all(np.array_equal(x, y) for x, y in zip(serial, one))

@@ -141,3 +141,30 @@ def test_lra_table_takes_main_runs_over_screens_and_marks_what_is_published(tmp_
     assert '| ldn | 35.00 (2x4000) |' in md and '36.50 (1x1000 screen)' in md
     assert '| Transformer (published) | 36.37 |' in md and md.count('(published)') == len(study.LRA_PUBLISHED)
     assert json.loads((tmp_path / 'lra_table.json').read_text()) == table
+
+
+def test_gpu_runs_script_trains_path_x_end_to_end_on_cpu_tiny(tmp_path):
+    """eval/lra/gpu_runs.sh (TASK=pathx), as a lent GPU would run it, on CPU at a tiny size in a copy of eval/:
+    it generates Path-X, trains a row, writes the result and copies run and result under $OUT."""
+    import os
+    import shutil
+    import subprocess
+    work = tmp_path / 'repo'
+    for path in ROOT.glob('eval/**/*'):
+        rel = path.relative_to(ROOT)
+        if path.is_file() and path.suffix in ('.py', '.sh') and not {'data', 'runs', 'checkpoints'} & set(rel.parts):
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, work / rel)
+    env = dict(os.environ, DEVICE='cpu', TASK='pathx', N='20', STEPS='2', BATCH='2', ROWS='ldn', BUDGET='300',
+               OUT=str(tmp_path / 'out'), OMP_NUM_THREADS='2')
+    proc = subprocess.run(['bash', str(work / 'eval' / 'lra' / 'gpu_runs.sh')], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import json
+    result = json.loads((tmp_path / 'out' / 'results' / 'pathx_ldn_s0-b2.json').read_text())
+    assert result['task'] == 'pathx' and result['steps'] == 2 and result['batch_size'] == 2
+    assert 0 <= result['test_acc'] <= 100
+    assert {'log.csv', 'last.pt', 'best.pt'} <= {p.name for p in (tmp_path / 'out' / 'runs' / 'pathx_ldn_s0-b2').iterdir()}
+    import numpy as np
+    with np.load(work / 'eval' / 'data' / 'lra' / 'pathfinder128_hard.npz') as f:
+        assert f['train_images'].shape == (16, 128, 128)

@@ -13,6 +13,8 @@ Fashion-MNIST.
 * ``pathfinder32_easy`` / ``pathfinder32_hard``: Pathfinder-32 (``eval/lra/pathfinder.py``, contour length 6 / 14)
   as 1,024 pixel steps, one feature each, normalised with the training-pixel mean / std, 2 classes (LRA's
   Pathfinder; generate with ``python eval/lra/pathfinder.py --size 32 --difficulty easy|hard --n 50000``).
+* ``pathx``: the same at 128 px, contour length 14: 16,384 pixel steps (LRA's Path-X). Generated and trained on a
+  lent GPU's machine by ``eval/lra/gpu_runs.sh`` (``TASK=pathx``); 2 CPU cores cannot train it.
 * ``text``: byte-level classification of 1-4 kB chunks of the Linux kernel's documentation by book, 14 classes
   (``eval/lra/bytetext.py``, LRA's IMDb byte-level task on the corpus a Debian package ships; generate with
   ``apt-get install linux-doc-6.1 && python eval/lra/bytetext.py --task text``). Byte ids, 0 = padding.
@@ -39,7 +41,8 @@ LISTOPS = dict(counts=(50_000, 2_000, 5_000), seed=0, min_len=32, max_len=512, m
 SPLITS = ('train', 'validation', 'test')
 FMNIST_MEAN, FMNIST_STD = 0.2859, 0.3529
 PERMUTATION_SEED = 0
-PATHFINDER_TASKS = {'pathfinder32_easy': (32, 'easy'), 'pathfinder32_hard': (32, 'hard')}
+# Path-X (LRA: Pathfinder-128 hard, 16,384 steps) trains only on a GPU here (eval/lra/gpu_runs.sh)
+PATHFINDER_TASKS = {'pathfinder32_easy': (32, 'easy'), 'pathfinder32_hard': (32, 'hard'), 'pathx': (128, 'hard')}
 TASKS = ('listops', 'sfmnist', 'psfmnist', *PATHFINDER_TASKS, 'text', 'retrieval')
 TOKEN_TASKS = ('listops', 'text', 'retrieval')  # token ids with padding; the others are fixed-length pixel sequences
 
@@ -91,7 +94,7 @@ def permutation() -> torch.Tensor:
 
 def load_pixel_task(task: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(sequences float32 (N, H*W, 1), labels (N,))`` of the pixel tasks: ``sfmnist`` / ``psfmnist`` (784 steps)
-    and Pathfinder (``pathfinder32_*``: 1,024 steps)."""
+    and Pathfinder (``pathfinder32_*``: 1,024 steps; ``pathx``: 16,384)."""
     if task in PATHFINDER_TASKS:
         import pathfinder
         splits = pathfinder.load_pathfinder(*PATHFINDER_TASKS[task])

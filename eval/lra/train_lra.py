@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     p.add_argument('--train-subset', type=int, default=0, help='train on a fixed random subset (0: all)')
     p.add_argument('--val-subset', type=int, default=2000, help='validation sequences scored per evaluation')
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (eval/lra/gpu_long_runs.sh)")
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (eval/lra/gpu_runs.sh)")
     p.add_argument('--experiment', default='')
     p.add_argument('--resume', action='store_true')
     run(p.parse_args(argv))

@@ -168,3 +168,33 @@ def test_gpu_runs_script_trains_path_x_end_to_end_on_cpu_tiny(tmp_path):
     import numpy as np
     with np.load(work / 'eval' / 'data' / 'lra' / 'pathfinder128_hard.npz') as f:
         assert f['train_images'].shape == (16, 128, 128)
+
+
+def test_saved_tensor_breakdown_sums_over_layers_and_counts_a_storage_once():
+    sys.path.insert(0, str(ROOT / 'eval' / 'lra'))
+    import cost
+    import torch
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)  # saves its input: 8 x 64 float32 = 2 KiB
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h * h  # saves h twice (both operands): one storage, counted once under the layer
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+    x = torch.randn(8, 64, requires_grad=True)
+    mb = cost.saved_tensor_mb(Model(), x)
+    kib = {k: round(v * 1024, 3) for k, v in mb.items()}
+    assert kib == {'fc': 4.0, '(layer)': 4.0}  # 2 layers x 2 KiB each; the weights are not activations

@@ -16,6 +16,7 @@ import collections
 import functools
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -48,7 +49,6 @@ def saved_tensor_mb(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, float]
     index dropped (``blocks.2.mlp.dwconv`` -> ``mlp.dwconv``, summed over layers). A storage saved twice counts
     once, under the first module that saved it; weights and buffers do not count. Load-independent: it counts
     allocations, not time."""
-    import re
     stack, by = ['(model)'], collections.Counter()
     # weights and buffers exist before the forward: not activations (as in the peak-memory measurement)
     seen = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}

@@ -227,20 +227,6 @@ def test_attention_module_matches_reference_on_maps_and_sequences() -> None:
     torch.testing.assert_close(attn(x.reshape(2, 2, 5, 12)), ref.reshape(2, 2, 5, 12), **TOL)
 
 
-def _live_peak_bytes(fn) -> int:
-    """High-water mark of live tensor bytes during ``fn()`` (profiler allocation / free events, CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize('padding_mask', [False, True])
 def test_conv_mlp_holds_at_most_two_hidden_tensors(padding_mask: bool) -> None:
     """F's inference forward keeps at most two hidden-width tensors alive at once (conv input + output, then conv
@@ -259,6 +245,10 @@ def test_conv_mlp_holds_at_most_two_hidden_tensors(padding_mask: bool) -> None:
     def forward() -> None:
         with torch.inference_mode():
             mlp(x, mask)
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'speed'))
+    from bench_harness import live_peak_mb  # the benchmark's own peak-memory measurement
     hidden_bytes = 256 * hidden * 4
-    peak = _live_peak_bytes(forward)
+    peak = live_peak_mb(forward) * 2 ** 20
     assert 2 * hidden_bytes <= peak < 2.5 * hidden_bytes, (peak, hidden_bytes)

@@ -143,6 +143,30 @@ def test_lra_table_takes_main_runs_over_screens_and_marks_what_is_published(tmp_
     assert json.loads((tmp_path / 'lra_table.json').read_text()) == table
 
 
+def test_ablation_compares_like_with_like_over_the_seeds_both_ran(tmp_path, monkeypatch):
+    import json
+    sys.path.insert(0, str(ROOT / 'eval' / 'lra'))
+    import models
+    import study
+    monkeypatch.setattr(study, 'RESULTS', tmp_path)
+    winner, euler, fixed = models.ABLATION_WINNER, models.ABLATION[0][1], models.ABLATION[1][1]
+    main_runs = [dict(task='psfmnist', row=winner, seeds=[0, 1], test_acc_runs=[75.0, 73.0], steps=1500),
+                 dict(task='psfmnist', row=euler, seeds=[0], test_acc_runs=[70.0], steps=1500),
+                 dict(task='psfmnist', row=fixed, seeds=[0], test_acc_runs=[60.0], steps=999),  # another budget
+                 dict(task='listops', row=euler, seeds=[0, 1], test_acc_runs=[36.0, 36.0], steps=4000)]
+    for r in (dict(task='listops', row=winner, lr=1e-3, steps=2000, test_acc=35.0),
+              dict(task='listops', row=fixed, lr=1e-3, steps=2000, test_acc=34.0),
+              dict(task='listops', row=fixed, lr=1e-3, steps=1000, test_acc=99.0)):  # shorter: not the budget
+        (tmp_path / f"screen{r['steps']}-listops-{r['row']}.json").write_text(json.dumps(r))
+    out = {(a['task'], a['row']): a for a in study.ablation_table(main_runs)}
+    assert out[('psfmnist', euler)]['delta'] == -5.0  # against the winner's seed 0 (75), not its mean (74)
+    assert out[('psfmnist', fixed)]['seeds'] == [] and out[('psfmnist', fixed)]['delta'] is None
+    assert out[('listops', winner)]['kind'] == 'screen' and out[('listops', fixed)]['delta'] == -1.0
+    assert out[('listops', euler)]['seeds'] == []  # a 4000-step run is no 2000-step screen's peer
+    md = (tmp_path / 'ablation.md').read_text()
+    assert f'| psfmnist | main 1500 steps | (the winner) | `{winner}` | 74.00 (75.00, 73.00; seeds 0, 1) |  |' in md
+
+
 def test_gpu_runs_script_trains_path_x_end_to_end_on_cpu_tiny(tmp_path):
     """eval/lra/gpu_runs.sh (TASK=pathx), as a lent GPU would run it, on CPU at a tiny size in a copy of eval/:
     it generates Path-X, trains a row, writes the result and copies run and result under $OUT."""

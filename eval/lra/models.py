@@ -36,7 +36,7 @@ row is a set of constructor arguments of ``LdnSequenceClassifier`` (``LDN_ROWS``
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -176,8 +176,13 @@ class SymmetricImplicitDiffusion(ImplicitPathDiffusion):
         super().__init__(dim, offsets, drop_path=drop_path, drift=False, **kwargs)
 
 
-# LDN rows: constructor arguments of LdnSequenceClassifier (layer types from eval/ablations.py or the package)
-LDN_ROWS: Dict[str, Dict[str, Any]] = {
+# The paper's form, spelled out, so that no row moves when the package's defaults do: the explicit-Euler K step,
+# no positions, trunc-normal init (the defaults every run before 2026-12-07 was trained with)
+PAPER_FORM: Dict[str, Any] = dict(diffusion_layer=PathDiffusion, pos_embed=False, weight_init='trunc_normal')
+
+# LDN rows: constructor arguments of LdnSequenceClassifier (layer types from eval/ablations.py or the package), each
+# given on top of PAPER_FORM
+_LDN_ARGS: Dict[str, Dict[str, Any]] = {
     'ldn': {},
     'ldn_no_adiff': dict(block_fn=NoAttentionBlock),
     'ldn_no_k': dict(diffusion_layer=NoDiffusion),
@@ -215,6 +220,22 @@ LDN_ROWS: Dict[str, Dict[str, Any]] = {
                                                  attn_layer=ChunkedSoftmaxDiffusionAttention, pos_embed=True,
                                                  weight_init='torch'),
 }
+
+LDN_ROWS: Dict[str, Dict[str, Any]] = {row: {**PAPER_FORM, **args} for row, args in _LDN_ARGS.items()}
+
+# Issue 27's ablation: the long-range winner, then one row per lever taken out of it (or, for A_diff, put in), so
+# that each lever's worth is a difference of two runs under one recipe (study.py report -> ablation.md)
+ABLATION_WINNER = 'ldn_implicit_sinpos_torch_init'
+ABLATION: Tuple[Tuple[str, str], ...] = (
+    ('exact step (`ImplicitPathDiffusion`) -> explicit-Euler step', 'ldn_sinpos_torch_init'),
+    ('token-adaptive step -> one step per channel', 'ldn_implicit_fixed_step_sinpos_torch_init'),
+    ('drift -> symmetric kernel', 'ldn_implicit_no_drift_sinpos_torch_init'),
+    ("`weight_init='torch'` -> trunc-normal 0.02", 'ldn_implicit_sinpos'),
+    ('positions -> none', 'ldn_implicit_torch_init'),
+    ('+ Taylor-kernel A_diff (selective, linear cost)', 'ldn_implicit_taylor_sinpos_torch_init'),
+    ('+ chunked-softmax A_diff (selective, linear cost)', 'ldn_implicit_chunk_sinpos_torch_init'),
+    ("all of it -> the paper's form (`ldn`)", 'ldn'),
+)
 
 ROWS: Dict[str, Callable[..., nn.Module]] = {
     **{row: partial(LdnSequenceClassifier, **args) for row, args in LDN_ROWS.items()},

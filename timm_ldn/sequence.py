@@ -486,9 +486,8 @@ class LdnSequenceClassifier(
     def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> 'LdnSequenceClassifier':
         if 'mlp_conv' in kwargs:  # config.json of the first published weights: F's conv was a bool
             kwargs['mlp_layer'] = DwConv1dMlp if kwargs.pop('mlp_conv') else Mlp
-        if 'diffusion_layer' not in kwargs:  # written before config.json recorded every argument: that era's form
-            for key, value in _FIRST_PUBLISHED_FORM.items():
-                kwargs.setdefault(key, value)
+        for key, value in _FIRST_PUBLISHED_FORM.items():  # a key config.json lacks predates it: the form of then
+            kwargs.setdefault(key, value)
         try:
             return super()._from_pretrained(model_id=model_id, **kwargs)
         except RuntimeError as e:  # strict state-dict mismatch: one message with the fix
@@ -499,8 +498,8 @@ class LdnSequenceClassifier(
             raise ValueError(f'{model_id}: config.json does not describe an LdnSequenceClassifier ({e}).') from None
 
 
-# The arguments the first published weights were built with, which their config.json does not record: pinned, so
-# that such weights rebuild the model that trained whatever the constructor's defaults become.
+# What the model was before each of these arguments existed (the first published weights' form): a config.json
+# without the key was written then, so it rebuilds the model that trained, whatever the defaults become.
 _FIRST_PUBLISHED_FORM: Dict[str, Any] = dict(
     diffusion_layer=PathDiffusion, attn_layer=DiffusionAttention, block_fn=LdnBlock, pos_embed=False,
     weight_init='trunc_normal', ls_init_value=1., qkv_bias=True)

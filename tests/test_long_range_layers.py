@@ -4,6 +4,8 @@
   convolution (``timm_ldn.diffusion.path_exponential_diffusion``) against its dense reference; convex rows over the
   real tokens, ``max|H|`` never grows, interior mass conservation, Theorem 1 at depth 1, fp16 / bf16 stacks finite,
   no ``L×L`` tensor.
+* ``ImplicitGridDiffusion``: its 2-D port (ADI: rows, then columns) against the dense normalised 2-D kernel;
+  convex, global after one step, no padding, in a timm model at any size and in every autograd mode.
 * ``TaylorDiffusionAttention``: ``w_ij = 1 + s + s²/2 > 0``, rows of ``D⁻¹W − I`` sum to zero, padded keys ignored.
 * ``ChunkedSoftmaxDiffusionAttention``: the softmax kernel within chunks, against its dense block-diagonal form; rows
   sum to zero, padded keys ignored, no ``L×L`` tensor.
@@ -17,9 +19,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_ldn.diffusion import (
-    chunked_softmax_diffusion_attention_reference, diffusion_attention_reference, path_exponential_diffusion,
-    path_exponential_diffusion_reference, taylor_feature_map,
+    chunked_softmax_diffusion_attention_reference, diffusion_attention_reference, grid_exponential_diffusion,
+    grid_exponential_diffusion_reference, path_exponential_diffusion, path_exponential_diffusion_reference,
+    taylor_feature_map,
 )
+from timm_ldn.ldn import ImplicitGridDiffusion
 from timm_ldn.sequence import (
     ChunkedSoftmaxDiffusionAttention, ImplicitPathDiffusion, LdnSequenceClassifier, TaylorDiffusionAttention,
     layer_path, resolve_layer,
@@ -176,6 +180,64 @@ def test_no_tensor_grows_with_the_square_of_the_length(attn_layer):
         model(x, _mask((L - 100,), L)).sum().backward()
     # B·heads·L·(Taylor features), or B·heads·L·chunk (128) for the chunked softmax, at most
     assert probe.numel < 300 * L, probe.numel
+
+
+def _grid_layer(dim=5, adaptive_step=True, seed=0, offsets=(1, 2, 4)):
+    torch.manual_seed(seed)
+    layer = ImplicitGridDiffusion(dim, offsets, adaptive_step=adaptive_step).to(DT)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return layer
+
+
+@pytest.mark.parametrize('size', [(5, 7), (1, 6), (4, 1)])
+def test_grid_step_equals_its_dense_operator_whose_rows_are_convex_averages_of_the_grid(size):
+    """Rows then columns (ADI) is exactly the normalised 2-D kernel exp(−(|Δi| + |Δj|)/ℓ) over the whole grid."""
+    h, w = size
+    C = 4
+    log_scale = torch.randn(C, generator=torch.Generator().manual_seed(1), dtype=DT)
+    x = torch.randn(3, h, w, C, dtype=DT)
+    P = grid_exponential_diffusion_reference(log_scale, h, w)  # (C, N, N)
+    y = grid_exponential_diffusion(x, log_scale)
+    torch.testing.assert_close(y.reshape(3, h * w, C), torch.einsum('cpq,bqc->bpc', P, x.reshape(3, h * w, C)),
+                               rtol=1e-10, atol=1e-10)
+    assert (P > 0).all()  # every token reaches every token in one step
+    torch.testing.assert_close(P.sum(-1), torch.ones(C, h * w, dtype=DT))
+    assert torch.autograd.gradcheck(grid_exponential_diffusion, (x[:1].requires_grad_(), log_scale.requires_grad_()))
+
+
+@pytest.mark.parametrize('adaptive_step', [True, False])
+def test_grid_layer_never_grows_the_max_norm_is_global_after_one_step_and_refuses_padding(adaptive_step):
+    layer = _grid_layer(adaptive_step=adaptive_step)
+    x = torch.randn(2, 6, 9, 5, dtype=DT) * 5
+    with torch.no_grad():
+        layer.log_scale.mul_(10.)  # any length scale: no stability bound
+        assert layer(x).abs().amax() <= x.abs().amax() * (1 + 1e-9)
+        layer.log_scale.div_(10.)
+    jac = torch.autograd.functional.jacobian(layer, x[:1])  # (1, h, w, C, 1, h, w, C)
+    assert (jac[0, :, :, :, 0].abs().sum((2, 5)) > 0).all()  # Theorem 1 at depth 1: every token on every token
+    with pytest.raises(ValueError, match='padding_mask must be None'):
+        layer(x, torch.zeros(2, 54, dtype=torch.bool))
+
+
+def test_grid_layer_in_a_timm_model_same_answer_in_every_autograd_mode_at_any_size():
+    """``diffusion_layer=ImplicitGridDiffusion`` on a registered model: non-square inputs, intermediates, and the
+    same logits with and without autograd."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model('ldn_nano_convtok_28', diffusion_layer=ImplicitGridDiffusion).eval()
+    x = torch.randn(2, 1, 28, 36)
+    outs = {}
+    for mode, ctx in (('grad', torch.enable_grad), ('no_grad', torch.no_grad), ('inference', torch.inference_mode)):
+        with ctx():
+            outs[mode] = model(x).detach().clone()
+    for mode in ('no_grad', 'inference'):
+        torch.testing.assert_close(outs[mode], outs['grad'], rtol=0, atol=0)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == len(model.blocks) and inter[-1].shape[-2:] == (7, 9)
+    model.train()(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize('chunk_size', [4, 6, 64])

@@ -28,7 +28,8 @@ __all__ = [
     'packed_linear_diffusion_attention', 'feature_diffusion_attention', 'diffusion_attention_reference',
     'NEIGHBOURS_PER_SCALE', 'PATH_NEIGHBOURS_PER_SCALE',
     'path_diffusion_step', 'path_laplacian_reference', 'path_diameter', 'path_exponential_kernel',
-    'path_exponential_diffusion', 'path_exponential_diffusion_reference', 'taylor_feature_map',
+    'path_exponential_diffusion', 'path_exponential_diffusion_reference', 'grid_exponential_diffusion',
+    'grid_exponential_diffusion_reference', 'taylor_feature_map',
     'chunked_softmax_diffusion_attention', 'chunked_softmax_diffusion_attention_reference',
 ]
 
@@ -680,6 +681,32 @@ def path_exponential_diffusion_reference(
     P = g / g.sum(-1, keepdim=True)
     eye = torch.eye(L, dtype=P.dtype)
     return torch.where(real[None, :, None], P, eye[None])
+
+
+# --- 2-D: the implicit step along rows, then along columns (ADI) ----------------------------------------------------
+# (I − δt·K_cols)⁻¹(I − δt·K_rows)⁻¹ on the token grid: the 1-D resolvent above along each axis. Its kernel is the
+# product g(Δi)·g(Δj) = exp(−(|Δi| + |Δj|)/ℓ), and the normalisation factorises with it, so the two 1-D passes are
+# exactly the masked, normalised 2-D convolution: every token a convex average of the whole grid after one step.
+
+
+def grid_exponential_diffusion(x: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """``P·H`` on a channels-last token grid ``(B, h, w, C)``: every token replaced by its ``g``-weighted average
+    over the grid, ``g = exp(−(|Δi| + |Δj|)/ℓ)`` per channel (``ℓ = exp(log_scale)``, ``(C,)``), renormalised at
+    the borders. Two passes of :func:`path_exponential_diffusion`, along the rows then along the columns:
+    ``O(N log N)`` per channel for ``N = h·w`` tokens, never an ``N×N`` (or ``h×h``) tensor."""
+    B, h, w, C = x.shape
+    rows = path_exponential_diffusion(x.reshape(B * h, w, C), log_scale, log_scale)
+    cols = rows.reshape(B, h, w, C).transpose(1, 2).reshape(B * w, h, C)
+    return path_exponential_diffusion(cols, log_scale, log_scale).reshape(B, w, h, C).transpose(1, 2)
+
+
+def grid_exponential_diffusion_reference(log_scale: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Dense ``P`` per channel, ``(C, N, N)`` over the row-major tokens (tests only): ``P_pq ∝ g(p − q)`` over the
+    whole grid, rows summing to one."""
+    i, j = torch.meshgrid(torch.arange(height), torch.arange(width), indexing='ij')
+    d = ((i.reshape(-1, 1) - i.reshape(1, -1)).abs() + (j.reshape(-1, 1) - j.reshape(1, -1)).abs())
+    g = torch.exp(-d.to(log_scale.dtype)[None] / torch.exp(log_scale)[:, None, None])
+    return g / g.sum(-1, keepdim=True)
 
 
 def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,14 @@ Paper: 'Linear Diffusion Networks', Jacob Fein-Ashley. Where each property of th
 ``docs/contract.md``.
 """
 import inspect
+import math
 import warnings
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
@@ -34,13 +36,13 @@ from timm.models._manipulate import checkpoint, checkpoint_seq
 
 from ._checkpoint import architecture_pre_hook, checkpoint_filter_fn
 from .diffusion import (
-    DEFAULT_OFFSETS, NEIGHBOURS_PER_SCALE, diffusion_coefficients, diffusion_step, packed_linear_diffusion_attention,
-    stencil_basis,
+    DEFAULT_OFFSETS, NEIGHBOURS_PER_SCALE, diffusion_coefficients, diffusion_step, grid_exponential_diffusion,
+    packed_linear_diffusion_attention, stencil_basis,
 )
 from .hub import hub_id, resolve_pretrained_overlay
 
-__all__ = ['LinearDiffusionNet', 'LdnBlock', 'DiffusionParams', 'PrimaryDiffusion', 'DiffusionAttention', 'DwConvMlp',
-           'ConvTokenizer']
+__all__ = ['LinearDiffusionNet', 'LdnBlock', 'DiffusionParams', 'PrimaryDiffusion', 'ImplicitDiffusionParams',
+           'ImplicitGridDiffusion', 'DiffusionAttention', 'DwConvMlp', 'ConvTokenizer']
 
 # MLP ratio of the default local update F (parameter layout v2, chosen by the Fashion-MNIST block study): 3.875
 # instead of 4 pays for the 3×3 depthwise conv, so every variant stays within the params / MACs of its DeiT.
@@ -118,6 +120,66 @@ class PrimaryDiffusion(DiffusionParams):
             return x + self.drop_path(self.update(x))
         # the identity rides in the stencil: the step in one pass, no separate residual add
         return diffusion_step(x, self.coefficients(), self.basis, self.offsets)
+
+
+class ImplicitDiffusionParams(nn.Module):
+    """The learned parameters of an implicit diffusion step ``H ← H + β ⊙ (P·H − H)``, shared by the path (1-D) and
+    grid (2-D) layers: per-channel length scales and the step fraction ``β``.
+
+    ``P`` is a convex average at every length scale ``ℓ`` (no stability bound), so ``log ℓ`` is learned unbounded,
+    initialised log-uniform across channels from one token to ``2·max(offsets)``: one layer mixes at every scale.
+    ``adaptive_step``: ``β = sigmoid(τ + W_up·W_down·LN(H_i))`` per token and channel (rank ``step_rank``, the
+    paper's adaptive time step with Mamba-style selectivity; ``W_up`` starts at zero, so every token starts at
+    ``sigmoid(τ)``); else ``β = sigmoid(τ)`` per channel. Every row ``(1 − β_i)·e_i + β_i·P_i`` stays convex.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            offsets: Sequence[int] = (1,),
+            drop_path: float = 0.,
+            adaptive_step: bool = True,
+            step_rank: int = 8,
+            tau_init: float = -1.,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        max_scale = 2. * max(int(d) for d in offsets)
+        log_scale = torch.linspace(0., math.log(max(max_scale, 2.)), dim, **dd)
+        self.log_scale = nn.Parameter(log_scale[torch.randperm(dim, device=device)])
+        self.tau = nn.Parameter(torch.full((dim,), float(tau_init), **dd))
+        if adaptive_step:
+            self.step_down = nn.Linear(dim, step_rank, bias=False, **dd)
+            self.step_up = nn.Linear(step_rank, dim, bias=False, **dd)
+            nn.init.zeros_(self.step_up.weight)
+        else:
+            self.step_down = self.step_up = None
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def step_fraction(self, x: torch.Tensor) -> torch.Tensor:
+        """``β``, shaped as ``x`` or ``(C,)``, strictly inside (0, 1)."""
+        if self.step_up is None:
+            return torch.sigmoid(self.tau)
+        u = F.layer_norm(x, x.shape[-1:])
+        return torch.sigmoid(self.tau + self.step_up(self.step_down(u)))
+
+
+class ImplicitGridDiffusion(ImplicitDiffusionParams):
+    """The diffusion step solved implicitly on a channels-last token grid ``(B, h, w, C)``, a ``diffusion_layer``
+    in place of :class:`PrimaryDiffusion`: ``H ← H + β ⊙ (P·H − H)``.
+
+    ``P = (I − δt·K_cols)⁻¹(I − δt·K_rows)⁻¹`` (ADI: the 1-D resolvent along the rows, then along the columns), per
+    channel: every token becomes an ``exp(−(|Δi| + |Δj|)/ℓ)``-weighted average of the whole grid
+    (:func:`~timm_ldn.diffusion.grid_exponential_diffusion`), so one layer is global (Theorem 1 at depth 1) and
+    ``max|H|`` cannot grow for any ``ℓ``. Parameters: :class:`ImplicitDiffusionParams`. ``O(N log N)`` per channel.
+    """
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_no_padding(padding_mask)
+        avg = grid_exponential_diffusion(x, self.log_scale)
+        return x + self.drop_path(self.step_fraction(x) * (avg - x))
 
 
 def _check_no_padding(padding_mask: Optional[torch.Tensor]) -> None:

@@ -24,13 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from huggingface_hub import PyTorchModelHubMixin
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.layers import Mlp, calculate_drop_path_rates, trunc_normal_
 
 from .diffusion import (
     PATH_NEIGHBOURS_PER_SCALE, chunked_softmax_diffusion_attention, feature_diffusion_attention, path_diffusion_step,
     path_exponential_diffusion, taylor_feature_map,
 )
-from .ldn import DiffusionAttention, DiffusionParams, DwConvMlp, LdnBlock
+from .ldn import DiffusionAttention, DiffusionParams, DwConvMlp, ImplicitDiffusionParams, LdnBlock
 
 __all__ = ['PathDiffusion', 'ImplicitPathDiffusion', 'TaylorDiffusionAttention', 'ChunkedSoftmaxDiffusionAttention',
            'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceClassifier', 'SinusoidalPositions', 'default_offsets',
@@ -96,7 +96,7 @@ class PathDiffusion(DiffusionParams):
         return x + self.drop_path(path_diffusion_step(x, self.coefficients(), self.offsets, padding_mask, 0.))
 
 
-class ImplicitPathDiffusion(nn.Module):
+class ImplicitPathDiffusion(ImplicitDiffusionParams):
     """The diffusion step solved implicitly, ``H ← H + β ⊙ (P·H − H)``, on sequences ``(B, L, C)``.
 
     ``P = (I − δt·K)⁻¹`` is the implicit-Euler step of diffusion (with ``drift=True``, advection–diffusion) on the
@@ -104,13 +104,11 @@ class ImplicitPathDiffusion(nn.Module):
     (:func:`~timm_ldn.diffusion.path_exponential_diffusion`). It is a convex average for every ``δt > 0``, so the
     length scale ``ℓ`` (``δt·a = r/(1 − r)²``, ``r = exp(−1/ℓ)``) is learned with no upper bound, initialised
     log-uniform across channels from one token to ``2·max(offsets)`` (the default offsets reach ``max_len / 2``):
-    one layer mixes at every scale, and every output depends on every real input (Theorem 1 at depth 1).
+    one layer mixes at every scale, and every output depends on every real input (Theorem 1 at depth 1). The
+    length scales and the (token-adaptive) step fraction ``β``: :class:`~timm_ldn.ldn.ImplicitDiffusionParams`.
 
     * ``drift``: the left and right halves get their own scales, ``log ℓ ± drift`` (an upwind drift, so a channel
       can look mostly left or right; rows stay convex, the channel mean is no longer conserved).
-    * ``adaptive_step``: ``β`` per token and channel, ``sigmoid(τ + W_up·W_down·LN(H_i))`` (rank ``step_rank``, the
-      paper's adaptive time step with Mamba-style selectivity); else ``β = sigmoid(τ)`` per channel. Every row
-      ``(1 − β_i)·e_i + β_i·P_i`` is still a convex average of real tokens: ``max|H|`` cannot grow.
 
     Cost ``O(L log L)`` per channel (two FFT convolutions), parallel over tokens, never an ``L×L`` tensor.
     """
@@ -127,28 +125,9 @@ class ImplicitPathDiffusion(nn.Module):
             device=None,
             dtype=None,
     ):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        max_scale = 2. * max(int(d) for d in offsets)
-        # log-uniform from one token to the longest offset's reach, spread over the channels
-        log_scale = torch.linspace(0., math.log(max(max_scale, 2.)), dim, **dd)
-        self.log_scale = nn.Parameter(log_scale[torch.randperm(dim, device=device)])
-        self.drift = nn.Parameter(torch.zeros(dim, **dd)) if drift else None
-        self.tau = nn.Parameter(torch.full((dim,), float(tau_init), **dd))
-        if adaptive_step:
-            self.step_down = nn.Linear(dim, step_rank, bias=False, **dd)
-            self.step_up = nn.Linear(step_rank, dim, bias=False, **dd)
-            nn.init.zeros_(self.step_up.weight)  # starts at β = sigmoid(τ) for every token
-        else:
-            self.step_down = self.step_up = None
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def step_fraction(self, x: torch.Tensor) -> torch.Tensor:
-        """``β``, ``(B, L, C)`` or ``(C,)``, strictly inside (0, 1)."""
-        if self.step_up is None:
-            return torch.sigmoid(self.tau)
-        u = F.layer_norm(x, x.shape[-1:])
-        return torch.sigmoid(self.tau + self.step_up(self.step_down(u)))
+        super().__init__(dim, offsets, drop_path=drop_path, adaptive_step=adaptive_step, step_rank=step_rank,
+                         tau_init=tau_init, device=device, dtype=dtype)
+        self.drift = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype)) if drift else None
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         left = right = self.log_scale

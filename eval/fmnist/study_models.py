@@ -85,6 +85,9 @@ ROWS: Dict[str, Row] = {
     # issue 27's init screen in 2-D: the sequence model's init question (trunc-normal 0.02 vs PyTorch's) on images
     'ldn_convtok_torch_init': Row('ldn_nano_convtok_28', dict(weight_init='torch'),
                                   'ldn_convtok with PyTorch\'s own Linear init (weight_init=\'torch\')'),
+    # issue 27's 2-D port: K's step solved implicitly on the token grid (ADI), global after one step
+    'ldn_convtok_implicit': Row('ldn_nano_convtok_28', dict(diffusion_layer=timm_ldn.ldn.ImplicitGridDiffusion),
+                                'ldn_convtok with the implicit (exact) diffusion step, ImplicitGridDiffusion'),
     'cct_tok32': Row('cct_nano_28', dict(widths=(32,), mlp_ratio=3.75),
                      'baseline: the same conv tokenizer (1-32-64), 6 timm ViT blocks 64 wide, 2 heads, MLP ratio 3.75 (MAC budget)'),
 }

@@ -330,7 +330,8 @@ def test_layer_types_and_init_round_trip_through_config_json(tmp_path):
 
 def test_weight_init_modes_differ_as_documented_and_bad_modes_are_refused():
     torch.manual_seed(0)
-    trunc = LdnSequenceClassifier(num_classes=4, vocab_size=9, embed_dim=64, depth=1, num_heads=2)
+    trunc = LdnSequenceClassifier(num_classes=4, vocab_size=9, embed_dim=64, depth=1, num_heads=2,
+                                  weight_init='trunc_normal')
     torch.manual_seed(0)
     plain = LdnSequenceClassifier(num_classes=4, vocab_size=9, embed_dim=64, depth=1, num_heads=2, weight_init='torch')
     assert abs(trunc.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002

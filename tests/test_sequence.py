@@ -359,7 +359,7 @@ def test_positions_are_each_real_tokens_rank_so_no_padding_moves_them():
     """pos_embed=True: a real token's position is its rank among its sequence's real tokens, so the output is the
     same with padding before, inside or after the sequence; the table is no parameter and not saved."""
     from timm_ldn.sequence import SinusoidalPositions, sinusoidal_positions
-    plain, posed = _token_model(), _token_model(pos_embed=True)
+    plain, posed = _token_model(pos_embed=False), _token_model(pos_embed=True)
     assert plain.state_dict().keys() == posed.state_dict().keys()
     posed.load_state_dict(plain.state_dict())  # the same weights: only the positions differ
     x = torch.randint(1, 12, (1, 20))
@@ -399,3 +399,30 @@ def test_positions_survive_save_and_load(tmp_path):
     del cfg['pos_embed']
     (tmp_path / 'm' / 'config.json').write_text(json.dumps(cfg))
     assert LdnSequenceClassifier.from_pretrained(str(tmp_path / 'm')).pos_embed is None
+
+
+def test_defaults_are_the_long_range_winner_and_old_configs_keep_the_papers_form(tmp_path):
+    """The constructor's defaults are the row the long-range study chose (eval/lra/models.py's ABLATION_WINNER:
+    the implicit step, positions, PyTorch's init); a config.json written before those arguments existed (the
+    shipped ListOps model's) still rebuilds the paper's form: explicit K step, no positions."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
+    import models
+    from timm_ldn.sequence import ImplicitPathDiffusion, PathDiffusion
+    kw = dict(num_classes=3, vocab_size=12, embed_dim=16, depth=1, num_heads=2, max_len=64)
+    LdnSequenceClassifier(**kw).save_pretrained(tmp_path / 'default')
+    LdnSequenceClassifier(**kw, **models.LDN_ROWS[models.ABLATION_WINNER]).save_pretrained(tmp_path / 'winner')
+    assert (tmp_path / 'default' / 'config.json').read_text() == (tmp_path / 'winner' / 'config.json').read_text()
+    assert isinstance(LdnSequenceClassifier(**kw).blocks[0].diffusion, ImplicitPathDiffusion)
+    old = LdnSequenceClassifier(**kw, **models.PAPER_FORM)
+    old.save_pretrained(tmp_path / 'old')
+    cfg = json.loads((tmp_path / 'old' / 'config.json').read_text())
+    for key in ('diffusion_layer', 'pos_embed', 'weight_init', 'attn_layer', 'block_fn', 'ls_init_value', 'qkv_bias'):
+        del cfg[key]
+    (tmp_path / 'old' / 'config.json').write_text(json.dumps(cfg))
+    loaded = LdnSequenceClassifier.from_pretrained(str(tmp_path / 'old')).eval()
+    assert isinstance(loaded.blocks[0].diffusion, PathDiffusion) and loaded.pos_embed is None
+    x = torch.randint(0, 12, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), old.eval()(x), rtol=0, atol=0)

@@ -1,14 +1,22 @@
 """LDN on token sequences: the same three terms and time step as the image model, on a path graph 0 … L−1.
 
-    H ← H + δt ⊙ K(H)                       multi-scale path Laplacian, offsets 1, 2, 4, …, no-flux at each real end
+    H ← H + β ⊙ (P·H − H)                   diffusion step, P = (I − δt·K)⁻¹ solved exactly (default,
+                                             ImplicitPathDiffusion), or H ← H + δt ⊙ K(H), the paper's explicit step
+                                             (PathDiffusion: offsets 1, 2, 4, …, no-flux at each real end)
     H ← H + γ ⊙ W_o · A_diff(LN(H))         linear-time diffusion attention over the real tokens
     H ← H + F(LN(H))                         MLP, optionally with a depthwise conv1d on its hidden layer
+
+The defaults are the form the long-range study chose by measurement (eval/lra/README.md, issue 27): the implicit
+step, sinusoidal positions and PyTorch's Linear init; ``diffusion_layer=PathDiffusion, pos_embed=False,
+weight_init='trunc_normal'`` is the paper's form (and that of every model published before 2026-12-07, whose
+config.json rebuilds it).
 
 Inputs are integer tokens (``vocab_size``) or continuous features (``in_features``, e.g. one pixel per step), with an
 optional ``padding_mask`` ``(B, L)``, True where padded (PyTorch's ``src_key_padding_mask``). Padded positions are
 not nodes of the graph: they touch no K edge, are no A_diff key, are zeroed before the conv and left out of the pool,
 so a sequence's output is the same whether or not padding follows it. The operators' math is
-``timm_ldn.diffusion``'s (``path_diffusion_step``, ``packed_linear_diffusion_attention``).
+``timm_ldn.diffusion``'s (``path_exponential_diffusion``, ``path_diffusion_step``,
+``packed_linear_diffusion_attention``).
 
 Weights save and load as safetensors + ``config.json`` through ``huggingface_hub``'s ``PyTorchModelHubMixin``
 (``save_pretrained`` / ``from_pretrained``); :func:`load_published` verifies a published file's sha256 against the
@@ -335,10 +343,10 @@ class LdnSequenceClassifier(
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            pos_embed: bool = False,
-            weight_init: str = 'trunc_normal',
+            pos_embed: bool = True,
+            weight_init: str = 'torch',
             block_fn: LayerType = LdnBlock,
-            diffusion_layer: LayerType = PathDiffusion,
+            diffusion_layer: LayerType = ImplicitPathDiffusion,
             attn_layer: LayerType = DiffusionAttention,
             mlp_layer: LayerType = DwConv1dMlp,
             norm_layer: Optional[LayerType] = None,
@@ -356,11 +364,12 @@ class LdnSequenceClassifier(
             drop_rate, proj_drop_rate, drop_path_rate: Head dropout, projection / MLP dropout, stochastic depth
                 (linear over blocks, every branch).
             pos_embed: Add :class:`SinusoidalPositions` after the embedding (where a token sits matters beyond its
-                neighbours, as in pixel sequences).
+                neighbours, as in pixel sequences); sequences may then be at most ``max_len`` long.
             weight_init: ``'trunc_normal'`` (every Linear and the embedding trunc-normal std 0.02, biases 0: timm's
                 ViT init) or ``'torch'`` (Linears keep PyTorch's default init; the embedding trunc-normal 0.02).
             block_fn, diffusion_layer, attn_layer, mlp_layer, norm_layer, act_layer: Layer types of the block
-                (norm: LayerNorm eps 1e-6, act: GELU).
+                (diffusion: :class:`ImplicitPathDiffusion`, the exact step; :class:`PathDiffusion` is the paper's
+                explicit one; norm: LayerNorm eps 1e-6, act: GELU).
         """
         super().__init__()
         if (vocab_size is None) == (in_features is None):

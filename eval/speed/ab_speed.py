@@ -68,9 +68,11 @@ def worker(case: str, iters: int, peak_only: bool = False) -> Dict[str, float]:
     res, batch, train = CASES[case]
     torch.manual_seed(0)
     if case.startswith('seq_'):
-        from timm_ldn.sequence import LdnSequenceClassifier
+        from timm_ldn.sequence import LdnSequenceClassifier, PathDiffusion
+        # the paper's form spelled out: builds from before and after the defaults moved (2026-12-07) build one model
         models = {'ldn': LdnSequenceClassifier(num_classes=10, vocab_size=16, embed_dim=64, depth=4, num_heads=4,
-                                               max_len=max(res, 512)),
+                                               max_len=max(res, 512), diffusion_layer=PathDiffusion,
+                                               pos_embed=False, weight_init='trunc_normal'),
                   'peer': SeqTransformer()}
         x = torch.randint(0, 16, (batch, res))
         num_classes = 10

@@ -4,8 +4,9 @@
 
     python eval/lra/publish.py listops_ldn_s0 --name ldn_seq_listops_512.lra
 
-Only rows that are a plain ``LdnSequenceClassifier`` (``ldn``, ``ldn_k_local``) can be published: an ablation
-replaces modules, so its ``config.json`` would not rebuild it. The round trip (``from_pretrained`` of the written
+Only rows whose model is an ``LdnSequenceClassifier`` can be published (``ldn``, ``ldn_k_local``, the
+``ldn_implicit*`` rows, ...: their ``config.json`` records every layer type by import path); a row built from
+``eval/`` layers would need ``eval/`` on the user's path to rebuild, and the baselines are other classes. The round trip (``from_pretrained`` of the written
 folder gives the trained model's logits bit for bit) is checked before the manifest is touched.
 """
 import argparse

@@ -271,6 +271,21 @@ def test_study_commands_resume_and_run_one_thread_each():
     assert cmd[cmd.index('--experiment') + 1] == 'final_ldn_v2_s2' and '--resume' in cmd
     assert cmd[cmd.index('--threads') + 1] == '1' and cmd[cmd.index('--epochs') + 1] == '40'
     assert cmd[cmd.index('--model') + 1] == 'ldn_v2'  # the row itself: train_fmnist builds it from study_models
+    assert '--fp32' not in cmd  # the recipe's precision
+
+
+def test_fp32_screen_turns_the_recipes_autocast_off_and_only_that():
+    """``--stage screen_fp32`` (CPUs that emulate bf16): the screen's schedule, its own experiment names, and the
+    recipe with autocast off and everything else unchanged."""
+    import argparse
+    cmd = block_study._command('screen_fp32', 'ldn_convtok', 0, block_study.STAGES['screen_fp32'])
+    assert '--fp32' in cmd and cmd[cmd.index('--experiment') + 1] == 'screen_fp32_ldn_convtok_s0'
+    assert cmd[cmd.index('--epochs') + 1] == str(block_study.STAGES['screen'])
+    args = dict(config=train_fmnist.DEFAULT_RECIPE, epochs=None, batch_size=None, lr=None, seed=None, workers=None)
+    base = train_fmnist.run_recipe(argparse.Namespace(**args, fp32=False))
+    fp32 = train_fmnist.run_recipe(argparse.Namespace(**args, fp32=True))
+    assert base['amp'] and not fp32['amp']
+    assert {k: v for k, v in fp32.items() if k != 'amp'} == {k: v for k, v in base.items() if k != 'amp'}
 
 
 def test_study_snapshots_travel_to_another_checkout(tmp_path, monkeypatch):

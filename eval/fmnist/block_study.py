@@ -6,6 +6,7 @@ the test split is touched once per run, at its end, by ``train_fmnist.final_test
 
     python eval/fmnist/block_study.py run --stage screen            # short proxy schedule, one seed, all rows
     python eval/fmnist/block_study.py run --stage final --rows ldn_v2 vit --seeds 0 1 2
+    python eval/fmnist/block_study.py run --stage screen_fp32 --rows ldn_convtok ldn_convtok_implicit  # no bf16 CPU
     python eval/fmnist/block_study.py speed --threads 1             # rows' training img/s vs the ViT in one process
     python eval/fmnist/block_study.py report                        # table (csv/json/md), curves, top-1 vs MACs plot
 
@@ -37,6 +38,9 @@ from study_models import ROWS  # noqa: E402  every row: model + layer-type overr
 
 # schedules: the short screening proxy and the convergence run (epochs override the recipe's)
 STAGES = {'screen': 5, 'final': 40}
+# the screen without bf16 autocast, for machines whose CPU emulates bf16 (no avx512_bf16 / AMX): rows compare
+# within a stage only, so a fp32 screen carries its own baseline row
+STAGES['screen_fp32'] = STAGES['screen']
 
 
 def experiment_name(stage: str, row: str, seed: int) -> str:
@@ -50,7 +54,7 @@ def _result_path(exp: str) -> Path:
 def _command(stage: str, row: str, seed: int, epochs: int, threads: int = 1) -> List[str]:
     cmd = [sys.executable, str(HERE / 'train_fmnist.py'), '--model', row, '--experiment',
            experiment_name(stage, row, seed), '--seed', str(seed), '--epochs', str(epochs), '--threads', str(threads),
-           '--resume', '--log-interval', '0']
+           '--resume', '--log-interval', '0'] + (['--fp32'] if stage.endswith('_fp32') else [])
     return cmd
 
 

@@ -137,11 +137,19 @@ def _write_log(path: Path, rows: List[Dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def train(args: argparse.Namespace) -> Dict[str, Any]:
+def run_recipe(args: argparse.Namespace) -> Dict[str, Any]:
+    """The recipe with the command line's overrides (schedule, batch, lr, seed, workers; ``--fp32``: no autocast)."""
     recipe = load_recipe(args.config)
     for k in ('epochs', 'batch_size', 'lr', 'seed', 'workers'):
         if getattr(args, k) is not None:
             recipe[k] = getattr(args, k)
+    if args.fp32:
+        recipe['amp'] = False
+    return recipe
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    recipe = run_recipe(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe['seed'])
 
@@ -256,7 +264,7 @@ def final_test(
         model, make_batches(recipe, 'test', False, recipe['validation_batch_size'], args.pipeline), args.max_batches)
     summary = dict(
         model=args.model,         model_kwargs=args.model_kwargs, experiment=args.experiment or args.model, seed=recipe['seed'],
-        pipeline=args.pipeline,
+        pipeline=args.pipeline, precision=recipe.get('amp_dtype', 'bfloat16') if recipe.get('amp') else 'float32',
         params=params, gmacs=gmacs, epochs=len(rows), best_epoch=ep + 1, weights='ema' if use_ema else 'raw',
         val_top1=float(row['val_ema_top1'] if use_ema else row['val_top1']),
         test_top1=test['top1'], test_top5=test['top5'],
@@ -475,6 +483,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "timm's create_loader, as train.py)")
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='architecture overrides, values read as Python literals (timm convention), e.g. mlp_ratio=3.5')
+    p.add_argument('--fp32', action='store_true',
+                   help="train without the recipe's bf16 autocast (CPUs without avx512_bf16 / AMX emulate bf16 "
+                        'matmuls many times slower); the result records its precision')
     p.add_argument('--max-batches', type=int, default=0, help='smoke test: stop each epoch after N batches')
     p.add_argument('--log-interval', type=int, default=50)
     p.add_argument('--summarize', nargs='+', metavar='RUN', help='write fmnist_results.{json,csv} + curves')

@@ -579,15 +579,6 @@ def path_exponential_kernel(length: int, log_scale_left: torch.Tensor, log_scale
     return torch.exp(-d * torch.exp(-log_scale_left)), torch.exp(-d * torch.exp(-log_scale_right))
 
 
-def _geometric_sum(length: int, log_scale: torch.Tensor) -> torch.Tensor:
-    """``Σ_{d=0}^{m−1} r^d = expm1(−m/ℓ) / expm1(−1/ℓ)`` for ``m = 1 … length``, ``r = exp(−1/ℓ)``: ``(length, C)``.
-    The kernel's partial sums in closed form, accurate in float32 for every ``ℓ`` (a cumulative sum of ``L`` terms
-    loses ~1e-4 there, and costs an ``(L, C)`` pass and its backward)."""
-    m = torch.arange(1, length + 1, device=log_scale.device, dtype=log_scale.dtype)[:, None]
-    rate = torch.exp(-log_scale)  # 1/ℓ
-    return torch.expm1(-m * rate) / torch.expm1(-rate)
-
-
 def _circular_convolution(x: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
     """First ``L`` points of the ``n``-point circular convolution of ``x`` ``(B, L, C or 1)`` with the kernel whose
     ``rfft`` is ``spectrum`` ``(n/2 + 1, C)``; ``n ≥ 2L − 1`` makes it the linear one."""
@@ -643,7 +634,7 @@ def path_exponential_diffusion(
     :func:`path_exponential_kernel` and ``m_j = 1`` on real tokens. The numerator is one linear convolution, done by
     FFT on ``n ≥ 2L − 1`` points (no wrap-around), with a hand-written backward: ``O(L log L)`` per channel, never an
     ``L×L`` tensor. The denominator is a second one under a padding mask; without one it is the kernel's partial
-    sums, ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L − i} g_right(d)``, geometric series in closed form. The kernel
+    sums, ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L − i} g_right(d)`` (two cumulative sums, in float64). The kernel
     depends only on ``i − j``, so appended padding changes nothing. Computed in at least float32 (FFT has no
     half-precision CPU kernels; the result is a convex average, cast back to the input's dtype). Padded positions
     return their input.
@@ -662,8 +653,10 @@ def path_exponential_diffusion(
     # circular layout: index d holds the weight of j = i − d (left), index n − d that of j = i + d (right)
     kernel = torch.cat([left, left.new_zeros(n - 2 * L + 1, C), right[1:].flip(0)], 0)
     if padding_mask is None:
-        den = _geometric_sum(L, log_scale_left.to(compute)) + _geometric_sum(L, log_scale_right.to(compute)).flip(0) - 1.
-        return (_convolve(xf, kernel, n) / den).to(x.dtype)
+        # partial sums of up to L terms: float32 loses ~1e-4 (MPS has no float64)
+        wide = compute if x.device.type == 'mps' else torch.float64
+        den = left.to(wide).cumsum(0) + (right.to(wide).cumsum(0) - 1.).flip(0)  # (L, C), ≥ 1
+        return (_convolve(xf, kernel, n) / den.to(compute)).to(x.dtype)
     real = (~padding_mask).to(xf.dtype).unsqueeze(-1)  # (B, L, 1)
     num = _convolve(xf * real, kernel, n)
     den = _convolve(real, kernel, n)

@@ -68,6 +68,11 @@ def test_implicit_step_equals_its_dense_operator_whose_rows_are_convex_averages_
         assert (rows[:, :, real] > 0).all()  # every real token reaches every real token in one step
     const = torch.full((2, L, C), 3.5, dtype=DT)
     torch.testing.assert_close(path_exponential_diffusion(const, left, right, mask), const)
+    if not mask.any():  # no mask at all: the denominator from the kernel's partial sums, the same operator
+        torch.testing.assert_close(path_exponential_diffusion(x, left, right), y, rtol=1e-10, atol=1e-10)
+        x32, left32, right32 = x.float(), (left * 7).float(), (right * 7).float()  # ℓ from e^-14 to e^14
+        torch.testing.assert_close(path_exponential_diffusion(x32, left32, right32),
+                                   path_exponential_diffusion(x32, left32, right32, mask), rtol=2e-6, atol=2e-6)
 
 
 def test_implicit_step_interior_conserves_each_channels_total_and_drift_makes_it_one_sided():

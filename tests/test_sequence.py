@@ -232,6 +232,39 @@ def test_published_sequence_model_loads_only_with_its_pinned_sha256(tmp_path, mo
         load_published('ldn_seq_missing')
 
 
+@pytest.mark.parametrize('name, diffusion_layer, pos_embed', [
+    ('ldn_seq_listops_512.lra', PathDiffusion, False),  # the paper's form, published before the default changed
+    ('ldn_seq_listops_512.lra_v2', ImplicitPathDiffusion, True),  # today's defaults
+])
+def test_shipped_sequence_weights_load_offline_in_the_form_they_were_trained(monkeypatch, name, diffusion_layer,
+                                                                               pos_embed):
+    """Each shipped ListOps model loads through load_published from the verified shipped copy (no Hub), rebuilds the
+    layers it was trained with, and reads sequences of any length up to max_len, padding carrying nothing."""
+    from timm_ldn import hub
+    from timm_ldn.sequence import load_published
+    monkeypatch.delenv(hub.MANIFEST_ENV, raising=False)
+
+    def unreachable(repo_id, filename, cache_dir):
+        raise hub.WeightsError(f'{repo_id} unreachable')
+    monkeypatch.setattr(hub, '_download', unreachable)
+    m = load_published(name).eval()
+    assert type(m.blocks[0].diffusion) is diffusion_layer and (m.pos_embed is not None) == pos_embed
+    entry = hub.load_manifest()['weights'][name]
+    assert sum(p.numel() for p in m.parameters()) == entry['num_params']
+    if name.endswith('_v2'):  # published as the defaults: a default-built model takes its state dict as is
+        default = LdnSequenceClassifier(**entry['model_args'])
+        default.load_state_dict(m.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 16, (1, 300), generator=g)
+    padded = torch.cat([x, torch.zeros(1, 212, dtype=torch.long)], 1)
+    mask = torch.zeros(1, 512, dtype=torch.bool)
+    mask[:, 300:] = True
+    with torch.no_grad():
+        logits = m(x)
+        torch.testing.assert_close(m(padded, mask), logits, rtol=1e-4, atol=1e-4)
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+
+
 def test_token_depthwise_conv_equals_nn_conv1d():
     from timm_ldn.sequence import TokenDepthwiseConv1d
     torch.manual_seed(3)

@@ -75,6 +75,20 @@ def test_implicit_step_equals_its_dense_operator_whose_rows_are_convex_averages_
                                    path_exponential_diffusion(x32, left32, right32, mask), rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, DT])
+def test_implicit_step_limits_are_the_identity_and_the_plain_mean_with_no_nan(dtype):
+    """ℓ far below one token leaves every token as it is; ℓ far past the sequence (even past the point where 1/ℓ
+    underflows) averages the whole sequence uniformly; the unpadded denominator's closed form stays finite at both."""
+    L, C = 300, 4
+    x = torch.randn(2, L, C, dtype=dtype)
+    tiny, huge = torch.full((C,), -60., dtype=dtype), torch.full((C,), 200., dtype=dtype)
+    torch.testing.assert_close(path_exponential_diffusion(x, tiny, tiny), x)
+    mean = x.mean(1, keepdim=True).expand_as(x)
+    torch.testing.assert_close(path_exponential_diffusion(x, huge, huge), mean, rtol=1e-5, atol=1e-5)
+    mixed = torch.tensor([-60., 200., 0., 5.], dtype=dtype)
+    assert torch.isfinite(path_exponential_diffusion(x, mixed, mixed.flip(0))).all()
+
+
 def test_implicit_step_interior_conserves_each_channels_total_and_drift_makes_it_one_sided():
     """Away from the ends (several length scales) every column of P sums to one, drift or not: the total is moved,
     never made. Near an end the renormalised rows do not conserve it (stated in the layer's docs)."""

@@ -574,9 +574,49 @@ def path_diameter(length: int, offsets: Sequence[int]) -> int:
 def path_exponential_kernel(length: int, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor,
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(g_left, g_right)``, each ``(length, C)``: ``g(d) = exp(−d/ℓ)`` for ``d = 0 … length − 1`` per channel,
-    ``ℓ = exp(log_scale)``; row ``d`` weighs the token ``d`` steps to the left / right (``g(0) = 1``, the token)."""
+    ``ℓ = exp(log_scale)``; row ``d`` weighs the token ``d`` steps to the left / right (``g(0) = 1``, the token).
+    Weights are floored at ``e^-60`` (:func:`_decay`)."""
     d = torch.arange(length, device=log_scale_left.device, dtype=log_scale_left.dtype)[:, None]
-    return torch.exp(-d * torch.exp(-log_scale_left)), torch.exp(-d * torch.exp(-log_scale_right))
+    return _decay(-d * torch.exp(-log_scale_left)), _decay(-d * torch.exp(-log_scale_right))
+
+
+# e^-60 ≈ 9e-27: a kernel weight below it moves no average (every row holds its own weight 1), while an exp that
+# underflows takes x86's slow path (4x the time of the whole op) and seeds subnormals in the FFTs after it
+_DECAY_FLOOR = -60.
+
+
+def _decay(exponent: torch.Tensor) -> torch.Tensor:
+    """``exp(exponent)`` for ``exponent ≤ 0``, floored at ``e^-60``."""
+    return torch.exp(exponent.clamp_min(_DECAY_FLOOR))
+
+
+def _geometric_sums(log_scale: torch.Tensor, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(S, m)``: ``S[m − 1] = Σ_{d=0}^{m−1} e^{−ad} = expm1(−am) / expm1(−a)`` for ``m = 1 … length`` terms,
+    ``(length, C)``, with ``a = 1/ℓ = exp(−log_scale)`` (expm1 keeps ``ℓ ≫ length`` exact to rounding). ``a`` is
+    floored at 1e-30: past ~1e30 tokens the kernel is flat anyway, and ``expm1(−a)`` must not underflow (0/0)."""
+    rate = torch.exp(-log_scale).clamp_min(1e-30)
+    m = torch.arange(1, length + 1, device=rate.device, dtype=rate.dtype)[:, None]
+    return torch.expm1(-rate * m) / torch.expm1(-rate), m
+
+
+def _geometric_sums_grad(log_scale: torch.Tensor, length: int) -> torch.Tensor:
+    """``∂S/∂log_scale``, ``(length, C)``: ``∂S/∂a = (N·e^{−a} − m·e^{−am}·D) / D²`` (``N = expm1(−am)``,
+    ``D = expm1(−a)``) times ``∂a/∂log_scale = −a`` (zero where ``a`` sits on its floor)."""
+    raw = torch.exp(-log_scale)
+    rate = raw.clamp_min(1e-30)
+    m = torch.arange(1, length + 1, device=rate.device, dtype=rate.dtype)[:, None]
+    num, den = torch.expm1(-rate * m), torch.expm1(-rate)
+    d_rate = (num * torch.exp(-rate) - m * _decay(-rate * m) * den) / den.square()
+    return d_rate * torch.where(raw >= 1e-30, -rate, torch.zeros_like(rate))
+
+
+def _path_exponential_row_sums(length: int, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor,
+                               ) -> torch.Tensor:
+    """``(length, C)``: row ``i``'s kernel mass over a whole unpadded sequence, ``Σ_{d ≤ i} g_left(d) +
+    Σ_{1 ≤ d < length − i} g_right(d)``, from closed-form geometric sums (:func:`_geometric_sums`): no cumulative
+    sum over the sequence (float64 cumulative sums of the kernel took 6 % of the CPU time of a 16k-token training
+    step in the profiler)."""
+    return _geometric_sums(log_scale_left, length)[0] + (_geometric_sums(log_scale_right, length)[0].flip(0) - 1.)
 
 
 def _circular_convolution(x: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
@@ -622,6 +662,62 @@ def _convolve(x: torch.Tensor, kernel: torch.Tensor, n: int) -> torch.Tensor:
     return _circular_convolution(x, torch.fft.rfft(kernel, n=n, dim=0), n)
 
 
+def _circular_kernel(left: torch.Tensor, right: torch.Tensor, n: int) -> torch.Tensor:
+    """The two halves in circular layout, ``(n, C)``: index ``d`` holds the weight of ``j = i − d`` (left), index
+    ``n − d`` that of ``j = i + d`` (right)."""
+    L, C = left.shape
+    return torch.cat([left, left.new_zeros(n - 2 * L + 1, C), right[1:].flip(0)], 0)
+
+
+class _UnpaddedExponentialDiffusionFn(torch.autograd.Function):
+    """:func:`path_exponential_diffusion` without a padding mask, ``y = (g ∗ x) / S``, with a backward that rebuilds
+    the kernel, its spectrum and the row sums from the ``(C,)`` scales and saves only ``x`` and ``y``: autograd
+    through the pieces keeps two spectra, both kernel halves, the row sums and the full-length convolution output,
+    ~9 activations per layer (eval/results/lra/cost_saved_tensors.md). The backward pays one more FFT of ``x`` and
+    one of the kernel.
+
+    Gradients: ``∂x = g̃ ⋆ k`` and ``∂k = Σ_b g̃ ⋆ x`` (correlations, ``g̃ = ∂y / S``); each half's weight
+    ``e^{−da}`` gives ``∂/∂log ℓ = d·a·e^{−da}``; the row sums give ``∂S = −Σ_b ∂y·y / S`` through
+    :func:`_geometric_sums_grad`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor) -> torch.Tensor:
+        L = x.shape[1]
+        n = 1 << (2 * L - 1).bit_length() if L > 1 else 1
+        spectrum = torch.fft.rfft(_circular_kernel(*path_exponential_kernel(L, log_scale_left, log_scale_right), n),
+                                  n=n, dim=0)
+        num = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=1) * spectrum, n=n, dim=1)[:, :L]
+        y = num / _path_exponential_row_sums(L, log_scale_left, log_scale_right)
+        ctx.n = n
+        ctx.save_for_backward(x, log_scale_left, log_scale_right, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, log_scale_left, log_scale_right, y = ctx.saved_tensors
+        n, L = ctx.n, x.shape[1]
+        left, right = path_exponential_kernel(L, log_scale_left, log_scale_right)
+        spectrum = torch.fft.rfft(_circular_kernel(left, right, n), n=n, dim=0)
+        den = _path_exponential_row_sums(L, log_scale_left, log_scale_right)
+        g_num = g / den
+        g_spectrum = torch.fft.rfft(g_num, n=n, dim=1)  # g_num is zero past L (the output slice)
+        grad_x = grad_left = grad_right = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(g_spectrum * spectrum.conj(), n=n, dim=1)[:, :L]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_kernel = torch.fft.irfft((g_spectrum * torch.fft.rfft(x, n=n, dim=1).conj()).sum(0), n=n, dim=0)
+            grad_den = -(g * y).sum(0) / den  # (L, C)
+            d = torch.arange(L, device=x.device, dtype=x.dtype)[:, None]
+            # kernel index n − d holds right[d] for d = 1 … L − 1; right[0] is not in the kernel
+            grad_right_kernel = torch.cat([grad_kernel.new_zeros(1, grad_kernel.shape[1]),
+                                           grad_kernel[n - L + 1:].flip(0)], 0)
+            grad_left = ((grad_kernel[:L] * left * d).sum(0) * torch.exp(-log_scale_left)
+                         + (grad_den * _geometric_sums_grad(log_scale_left, L)).sum(0))
+            grad_right = ((grad_right_kernel * right * d).sum(0) * torch.exp(-log_scale_right)
+                          + (grad_den.flip(0) * _geometric_sums_grad(log_scale_right, L)).sum(0))
+        return grad_x, grad_left, grad_right
+
+
 def path_exponential_diffusion(
         x: torch.Tensor,
         log_scale_left: torch.Tensor,
@@ -634,7 +730,7 @@ def path_exponential_diffusion(
     :func:`path_exponential_kernel` and ``m_j = 1`` on real tokens. The numerator is one linear convolution, done by
     FFT on ``n ≥ 2L − 1`` points (no wrap-around), with a hand-written backward: ``O(L log L)`` per channel, never an
     ``L×L`` tensor. The denominator is a second one under a padding mask; without one it is the kernel's partial
-    sums, ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L − i} g_right(d)`` (two cumulative sums, in float64). The kernel
+    sums, ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L − i} g_right(d)``, in closed form. The kernel
     depends only on ``i − j``, so appended padding changes nothing. Computed in at least float32 (FFT has no
     half-precision CPU kernels; the result is a convex average, cast back to the input's dtype). Padded positions
     return their input.
@@ -649,14 +745,12 @@ def path_exponential_diffusion(
     n = 1 << (2 * L - 1).bit_length() if L > 1 else 1
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
-    left, right = path_exponential_kernel(L, log_scale_left.to(compute), log_scale_right.to(compute))
-    # circular layout: index d holds the weight of j = i − d (left), index n − d that of j = i + d (right)
-    kernel = torch.cat([left, left.new_zeros(n - 2 * L + 1, C), right[1:].flip(0)], 0)
+    log_scale_left, log_scale_right = log_scale_left.to(compute), log_scale_right.to(compute)
+    if padding_mask is None and (_custom_backward(xf, log_scale_left) or _custom_backward(xf, log_scale_right)):
+        return _UnpaddedExponentialDiffusionFn.apply(xf, log_scale_left, log_scale_right).to(x.dtype)
+    kernel = _circular_kernel(*path_exponential_kernel(L, log_scale_left, log_scale_right), n)
     if padding_mask is None:
-        # partial sums of up to L terms: float32 loses ~1e-4 (MPS has no float64)
-        wide = compute if x.device.type == 'mps' else torch.float64
-        den = left.to(wide).cumsum(0) + (right.to(wide).cumsum(0) - 1.).flip(0)  # (L, C), ≥ 1
-        return (_convolve(xf, kernel, n) / den.to(compute)).to(x.dtype)
+        return (_convolve(xf, kernel, n) / _path_exponential_row_sums(L, log_scale_left, log_scale_right)).to(x.dtype)
     real = (~padding_mask).to(xf.dtype).unsqueeze(-1)  # (B, L, 1)
     num = _convolve(xf * real, kernel, n)
     den = _convolve(real, kernel, n)

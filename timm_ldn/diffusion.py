@@ -590,18 +590,19 @@ def _decay(exponent: torch.Tensor) -> torch.Tensor:
     return torch.exp(exponent.clamp_min(_DECAY_FLOOR))
 
 
-def _geometric_sums(log_scale: torch.Tensor, length: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(S, m)``: ``S[m − 1] = Σ_{d=0}^{m−1} e^{−ad} = expm1(−am) / expm1(−a)`` for ``m = 1 … length`` terms,
-    ``(length, C)``, with ``a = 1/ℓ = exp(−log_scale)`` (expm1 keeps ``ℓ ≫ length`` exact to rounding). ``a`` is
-    floored at 1e-30: past ~1e30 tokens the kernel is flat anyway, and ``expm1(−a)`` must not underflow (0/0)."""
+def _geometric_sums(log_scale: torch.Tensor, length: int) -> torch.Tensor:
+    """``S``, ``(length, C)``: ``S[m − 1] = Σ_{d=0}^{m−1} e^{−ad} = expm1(−am) / expm1(−a)`` for ``m = 1 … length``
+    terms, with ``a = 1/ℓ = exp(−log_scale)`` (expm1 keeps ``ℓ ≫ length`` exact to rounding). ``a`` is floored at
+    1e-30: past ~1e30 tokens the kernel is flat anyway, and ``expm1(−a)`` must not underflow (0/0)."""
     rate = torch.exp(-log_scale).clamp_min(1e-30)
     m = torch.arange(1, length + 1, device=rate.device, dtype=rate.dtype)[:, None]
-    return torch.expm1(-rate * m) / torch.expm1(-rate), m
+    return torch.expm1(-rate * m) / torch.expm1(-rate)
 
 
 def _geometric_sums_grad(log_scale: torch.Tensor, length: int) -> torch.Tensor:
     """``∂S/∂log_scale``, ``(length, C)``: ``∂S/∂a = (N·e^{−a} − m·e^{−am}·D) / D²`` (``N = expm1(−am)``,
-    ``D = expm1(−a)``) times ``∂a/∂log_scale = −a`` (zero where ``a`` sits on its floor)."""
+    ``D = expm1(−a)``) times ``∂a/∂log_scale = −a`` (zero where ``a`` sits on its floor). ``N`` and ``e^{−am}`` are
+    computed afresh: rebuilt from ``S`` they lose two orders of precision when ``ℓ`` exceeds the length."""
     raw = torch.exp(-log_scale)
     rate = raw.clamp_min(1e-30)
     m = torch.arange(1, length + 1, device=rate.device, dtype=rate.dtype)[:, None]
@@ -610,13 +611,17 @@ def _geometric_sums_grad(log_scale: torch.Tensor, length: int) -> torch.Tensor:
     return d_rate * torch.where(raw >= 1e-30, -rate, torch.zeros_like(rate))
 
 
+def _row_sums(sums_left: torch.Tensor, sums_right: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s kernel mass ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L − i} g_right(d)`` from the two sides' ``S``."""
+    return sums_left + (sums_right.flip(0) - 1.)
+
+
 def _path_exponential_row_sums(length: int, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor,
                                ) -> torch.Tensor:
-    """``(length, C)``: row ``i``'s kernel mass over a whole unpadded sequence, ``Σ_{d ≤ i} g_left(d) +
-    Σ_{1 ≤ d < length − i} g_right(d)``, from closed-form geometric sums (:func:`_geometric_sums`): no cumulative
-    sum over the sequence (float64 cumulative sums of the kernel took 6 % of the CPU time of a 16k-token training
-    step in the profiler)."""
-    return _geometric_sums(log_scale_left, length)[0] + (_geometric_sums(log_scale_right, length)[0].flip(0) - 1.)
+    """``(length, C)``: row ``i``'s kernel mass over a whole unpadded sequence, from closed-form geometric sums
+    (:func:`_geometric_sums`): no cumulative sum over the sequence (float64 cumulative sums of the kernel took 6 %
+    of the CPU time of a 16k-token training step in the profiler)."""
+    return _row_sums(_geometric_sums(log_scale_left, length), _geometric_sums(log_scale_right, length))
 
 
 def _circular_convolution(x: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
@@ -698,7 +703,8 @@ class _UnpaddedExponentialDiffusionFn(torch.autograd.Function):
         n, L = ctx.n, x.shape[1]
         left, right = path_exponential_kernel(L, log_scale_left, log_scale_right)
         spectrum = torch.fft.rfft(_circular_kernel(left, right, n), n=n, dim=0)
-        den = _path_exponential_row_sums(L, log_scale_left, log_scale_right)
+        sums_left, sums_right = _geometric_sums(log_scale_left, L), _geometric_sums(log_scale_right, L)
+        den = _row_sums(sums_left, sums_right)
         g_num = g / den
         g_spectrum = torch.fft.rfft(g_num, n=n, dim=1)  # g_num is zero past L (the output slice)
         grad_x = grad_left = grad_right = None

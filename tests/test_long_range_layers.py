@@ -22,11 +22,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from timm_ldn.diffusion import (
     chunked_softmax_diffusion_attention_reference, diffusion_attention_reference, grid_exponential_diffusion,
     grid_exponential_diffusion_reference, path_exponential_diffusion, path_exponential_diffusion_reference,
+    selective_path_diffusion, selective_path_diffusion_reference,
     taylor_feature_map,
 )
 from timm_ldn.ldn import ImplicitGridDiffusion
 from timm_ldn.sequence import (
-    ChunkedSoftmaxDiffusionAttention, ImplicitPathDiffusion, LdnSequenceClassifier, TaylorDiffusionAttention,
+    ChunkedSoftmaxDiffusionAttention, ImplicitPathDiffusion, LdnSequenceClassifier, SelectivePathDiffusion,
+    TaylorDiffusionAttention,
     layer_path, resolve_layer,
 )
 
@@ -42,9 +44,12 @@ def _scales(C, seed=0, spread=2.):
     return torch.randn(C, generator=g, dtype=DT) * spread, torch.randn(C, generator=g, dtype=DT) * spread
 
 
-def _layer(dim=6, adaptive_step=True, drift=True, seed=0, offsets=(1, 2, 4, 8)):
+EXACT_LAYERS = [ImplicitPathDiffusion, SelectivePathDiffusion]
+
+
+def _layer(dim=6, adaptive_step=True, drift=True, seed=0, offsets=(1, 2, 4, 8), layer_type=ImplicitPathDiffusion):
     torch.manual_seed(seed)
-    layer = ImplicitPathDiffusion(dim, offsets, drift=drift, adaptive_step=adaptive_step).to(DT)
+    layer = layer_type(dim, offsets, drift=drift, adaptive_step=adaptive_step).to(DT)
     with torch.no_grad():  # off the init values: drift, token-dependent steps
         for p in layer.parameters():
             p.add_(torch.randn_like(p) * 0.5)
@@ -88,6 +93,69 @@ def test_implicit_step_limits_are_the_identity_and_the_plain_mean_with_no_nan(dt
     torch.testing.assert_close(path_exponential_diffusion(x, huge, huge), mean, rtol=1e-5, atol=1e-5)
     mixed = torch.tensor([-60., 200., 0., 5.], dtype=dtype)
     assert torch.isfinite(path_exponential_diffusion(x, mixed, mixed.flip(0))).all()
+
+
+@pytest.mark.parametrize('lengths', [(23, 23), (23, 9), (5, 1)])
+def test_selective_step_equals_its_dense_operator_whose_rows_are_convex_averages_of_real_tokens(lengths):
+    """Token-dependent rates, walls (rates past the cap of 10) included: the scans equal the dense product-form
+    kernel; rows are convex over the real tokens; padding is no node; a constant stays constant."""
+    L, C = 23, 5
+    g = torch.Generator().manual_seed(1)
+    left, right = (torch.rand(2, L, C, generator=g, dtype=DT) * 3 for _ in range(2))
+    left[0, 10:12] = 40.  # walls, clamped to the cap
+    mask = _mask(lengths, L)
+    x = torch.randn(2, L, C, dtype=DT, generator=g)
+    y = selective_path_diffusion(x, left, right, mask)
+    for b in range(2):
+        real = ~mask[b]
+        P = selective_path_diffusion_reference(left[b], right[b], real)
+        torch.testing.assert_close(y[b], torch.einsum('cij,jc->ic', P, x[b]), rtol=1e-10, atol=1e-10)
+        rows = P[:, real]
+        assert (rows >= 0).all() and (rows[:, :, real] > 0).all() and (rows[:, :, ~real] == 0).all()
+        torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows.sum(-1)))  # K·1 = 0
+    const = torch.full((2, L, C), -2.5, dtype=DT)
+    torch.testing.assert_close(selective_path_diffusion(const, left, right, mask), const)
+    # a wall: the averages on its two sides barely mix (one capped edge: weight e^-10 across it)
+    P0 = selective_path_diffusion_reference(left[0], right[0], ~mask[0])
+    assert P0[:, 12, :10].sum(-1).max() < 1e-4  # token 12 looking left across edges 10 and 11
+
+
+def test_selective_step_with_the_same_rate_everywhere_is_the_stationary_kernel():
+    """One rate per channel on every edge, λ = 1/ℓ: the scans give the FFT layer's exponential kernel."""
+    L, C = 41, 4
+    left_scale, right_scale = _scales(C, spread=1.)
+    x = torch.randn(2, L, C, dtype=DT)
+    mask = _mask((41, 13), L)
+    rates = [torch.exp(-s).expand(2, L, C) for s in (left_scale, right_scale)]
+    torch.testing.assert_close(selective_path_diffusion(x, *rates, mask),
+                               path_exponential_diffusion(x, left_scale, right_scale, mask))
+
+
+@pytest.mark.parametrize('lengths', [None, (21, 6)], ids=['unpadded', 'padded'])
+def test_selective_step_hand_written_backward_is_the_gradient(lengths):
+    """The scans' adjoint recurrences against finite differences, through the tokens and both rates."""
+    L, C = 21, 2
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, L, C, dtype=DT, generator=g).requires_grad_()
+    left, right = ((torch.rand(2, L, C, generator=g, dtype=DT) * 3).requires_grad_() for _ in range(2))
+    mask = None if lengths is None else _mask(lengths, L)
+    assert torch.autograd.gradcheck(lambda h, a, b: selective_path_diffusion(h, a, b, mask), (x, left, right))
+    grad_x = torch.func.grad(lambda h: selective_path_diffusion(h, left, right, mask).square().sum())(x)
+    torch.testing.assert_close(grad_x, torch.autograd.grad(
+        selective_path_diffusion(x, left, right, mask).square().sum(), x)[0])
+
+
+def test_selective_layer_starts_as_the_stationary_layer_and_learns_its_walls():
+    """W_up starts at zero: the same output as ImplicitPathDiffusion with the same scales; the wall projection
+    gets a gradient from the first step."""
+    torch.manual_seed(0)
+    stationary, selective = ImplicitPathDiffusion(6, (1, 8)).to(DT), SelectivePathDiffusion(6, (1, 8)).to(DT)
+    selective.load_state_dict(stationary.state_dict(), strict=False)
+    x = torch.randn(2, 30, 6, dtype=DT)
+    mask = _mask((30, 11), 30)
+    torch.testing.assert_close(selective(x, mask), stationary(x, mask))
+    selective(x, mask).square().sum().backward()
+    assert selective.wall_up.weight.grad.abs().sum() > 0
 
 
 def test_implicit_step_interior_conserves_each_channels_total_and_drift_makes_it_one_sided():
@@ -141,8 +209,9 @@ def test_implicit_step_float32_gradients_are_as_precise_as_autograds():
         assert (f.double() - e).abs().max() / scale <= max(2 * (p.double() - e).abs().max() / scale, 1e-6)
 
 
-def test_implicit_layer_gives_the_same_answer_in_every_autograd_mode():
-    layer = _layer()
+@pytest.mark.parametrize('layer_type', EXACT_LAYERS)
+def test_implicit_layer_gives_the_same_answer_in_every_autograd_mode(layer_type):
+    layer = _layer(layer_type=layer_type)
     mask = _mask((30, 11), 30)
     x = torch.randn(2, 30, 6, dtype=DT, requires_grad=True)
     outs = {}
@@ -154,9 +223,10 @@ def test_implicit_layer_gives_the_same_answer_in_every_autograd_mode():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('layer_type', EXACT_LAYERS)
 @pytest.mark.parametrize('adaptive_step', [True, False])
-def test_implicit_layer_never_grows_the_max_norm_whatever_the_scales(adaptive_step):
-    layer = _layer(adaptive_step=adaptive_step)
+def test_implicit_layer_never_grows_the_max_norm_whatever_the_scales(adaptive_step, layer_type):
+    layer = _layer(adaptive_step=adaptive_step, layer_type=layer_type)
     with torch.no_grad():
         layer.log_scale.mul_(10.)  # ℓ from e^-15 to e^15: no stability bound is needed
     mask = _mask((40, 17), 40)
@@ -168,9 +238,11 @@ def test_implicit_layer_never_grows_the_max_norm_whatever_the_scales(adaptive_st
     torch.testing.assert_close(y[1][mask[1]], x[1][mask[1]])  # padded positions untouched
 
 
+@pytest.mark.parametrize('layer_type', EXACT_LAYERS)
 @pytest.mark.parametrize('adaptive_step', [True, False])
-def test_theorem1_every_output_depends_on_every_real_input_after_one_layer(adaptive_step):
-    layer = _layer(adaptive_step=adaptive_step, offsets=(8,))  # scales up to 16 tokens on a 24-token sequence
+def test_theorem1_every_output_depends_on_every_real_input_after_one_layer(adaptive_step, layer_type):
+    # scales up to 16 tokens on a 24-token sequence (selective: walls of at most 10 per edge, e^-230 end to end)
+    layer = _layer(adaptive_step=adaptive_step, offsets=(8,), layer_type=layer_type)
     mask = _mask((17,), 24)
     x = torch.randn(1, 24, 6, dtype=DT)
     jac = torch.autograd.functional.jacobian(lambda h: layer(h, mask), x)  # (1, L, C, 1, L, C)
@@ -179,10 +251,11 @@ def test_theorem1_every_output_depends_on_every_real_input_after_one_layer(adapt
     assert (dep[:17, 17:] == 0).all()  # padding reaches no real token
 
 
+@pytest.mark.parametrize('layer_type', EXACT_LAYERS)
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_deep_implicit_stack_stays_finite_and_bounded_in_half_precision(dtype):
+def test_deep_implicit_stack_stays_finite_and_bounded_in_half_precision(dtype, layer_type):
     torch.manual_seed(0)
-    layers = [ImplicitPathDiffusion(8, (1, 2, 4, 64)).to(dtype) for _ in range(12)]
+    layers = [layer_type(8, (1, 2, 4, 64)).to(dtype) for _ in range(12)]
     with torch.no_grad():
         for layer in layers:
             layer.log_scale.mul_(8.)
@@ -209,14 +282,15 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize('attn_layer', [TaylorDiffusionAttention, ChunkedSoftmaxDiffusionAttention])
-def test_no_tensor_grows_with_the_square_of_the_length(attn_layer):
+@pytest.mark.parametrize('attn_layer, diffusion_layer', [(TaylorDiffusionAttention, ImplicitPathDiffusion),
+                                                          (ChunkedSoftmaxDiffusionAttention, SelectivePathDiffusion)])
+def test_no_tensor_grows_with_the_square_of_the_length(attn_layer, diffusion_layer):
     """Forward and backward of the implicit step and a linear-cost A_diff at L = 4096: the largest intermediate is
     linear in L (far below the L² = 16.8 M an attention matrix would hold)."""
     L = 4096
     torch.manual_seed(0)
     model = LdnSequenceClassifier(num_classes=3, vocab_size=8, embed_dim=8, depth=1, num_heads=2, max_len=L,
-                                  diffusion_layer=ImplicitPathDiffusion, attn_layer=attn_layer)
+                                  diffusion_layer=diffusion_layer, attn_layer=attn_layer)
     x = torch.randint(0, 8, (1, L))
     with _LargestTensor() as probe:
         model(x, _mask((L - 100,), L)).sum().backward()

@@ -31,6 +31,7 @@ __all__ = [
     'path_exponential_diffusion', 'path_exponential_diffusion_reference', 'grid_exponential_diffusion',
     'grid_exponential_diffusion_reference', 'taylor_feature_map',
     'chunked_softmax_diffusion_attention', 'chunked_softmax_diffusion_attention_reference',
+    'SELECTIVE_MAX_RATE', 'selective_path_diffusion', 'selective_path_diffusion_reference',
 ]
 
 # Dilated 4-neighbourhoods at offsets 1, 2, 4: the 14×14 grid of a 224 px image has diameter 8 (Theorem 1).
@@ -779,6 +780,131 @@ def path_exponential_diffusion_reference(
     scale = torch.where(d[None] >= 0, torch.exp(log_scale_left)[:, None, None], torch.exp(log_scale_right)[:, None, None])
     g = torch.exp(-d.abs()[None] / scale) * real.to(d.dtype)[None, None, :]
     P = g / g.sum(-1, keepdim=True)
+    eye = torch.eye(L, dtype=P.dtype)
+    return torch.where(real[None, :, None], P, eye[None])
+
+
+# --- 1-D, selective: the implicit step with token-dependent conductances ---------------------------------------------
+# With a conductance per edge that depends on the tokens, the path graph's resolvent (I − δt·K)⁻¹ is no longer a
+# convolution, but its kernel keeps a product form: the weight of token j in row i is the product of per-edge decays
+# between them, exp(−Σ_{edges e between i and j} λ_e) (a semiseparable matrix, the inverse of a tridiagonal one). A
+# large λ_e is a wall the average does not cross; λ_e = 1/ℓ on every edge is the stationary kernel above. Each side
+# is a first-order linear recurrence, h_i = e^{−λ_i}·h_{i−1} + z_i: a scan, O(L) per channel.
+
+# λ ≤ 10 per edge (a weight of 5e-5 across one such edge, 2e-9 across two: a wall) keeps a chunk's cumulative
+# exponent within 80, and centring it on the chunk's middle keeps every factor within e^±40 in float32
+SELECTIVE_MAX_RATE = 10.
+_SCAN_CHUNK = 8
+
+
+def _decayed_scan_forward(z: torch.Tensor, rate: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """``h_i = e^{−rate_i}·h_{i−1} + z_i`` along dim 1 (``h_{−1} = 0``), ``(B, L, C)``, ``0 ≤ rate ≤ 10``;
+    ``reverse``: ``h_i = e^{−rate_{i+1}}·h_{i+1} + z_i`` (``rate`` still indexed by the edge's right token). Inside
+    chunks of 8 tokens, ``h_i = e^{−G_i}·(h_start + Σ_{j ≤ i} e^{G_j}·z_j)`` with ``G`` the chunk's cumulative rate,
+    centred on its middle (parallel over tokens); across chunks one step per chunk carries the state."""
+    if reverse:  # the reversed sequence's edge into token i' is the original edge L − i'
+        rate = torch.cat([rate.new_zeros(rate.shape[0], 1, rate.shape[2]), rate.flip(1)[:, :-1]], 1)
+        return _decayed_scan_forward(z.flip(1), rate).flip(1)
+    B, L, C = z.shape
+    c = _SCAN_CHUNK
+    n = -(-L // c)
+    if n * c != L:
+        z, rate = F.pad(z, (0, 0, 0, n * c - L)), F.pad(rate, (0, 0, 0, n * c - L))
+    g = rate.reshape(B, n, c, C).cumsum(2)
+    g_mid = g[:, :, c // 2 - 1:c // 2]
+    decay_to = torch.exp(g_mid - g)  # e^{−(G_i − G_mid)}
+    local = decay_to * (torch.exp(g - g_mid) * z.reshape(B, n, c, C)).cumsum(2)  # the chunk's own tokens
+    decay_to = decay_to * torch.exp(-g_mid)  # e^{−G_i}: from the state before the chunk to token i
+    through, own = decay_to[:, :, -1].unbind(1), local[:, :, -1].unbind(1)
+    states, state = [], z.new_zeros(B, C)
+    for k in range(n):  # the state entering chunk k
+        states.append(state)
+        state = through[k] * state + own[k]
+    h = local + decay_to * torch.stack(states, 1).unsqueeze(2)
+    return h.reshape(B, n * c, C)[:, :L]
+
+
+class _DecayedScanFn(torch.autograd.Function):
+    """:func:`_decayed_scan_forward` with the adjoint recurrence as its backward: ``∂z`` is the same scan run the
+    other way over the incoming gradient, ``∂rate_i = −e^{−rate_i}·∂z_i·h_{i−1}`` (``h_{i+1}`` when reversed).
+    Saves ``h`` and the rates; autograd through the chunked form kept a dozen full-size tensors and zero-filled one
+    per chunk in its backward."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, rate: torch.Tensor, reverse: bool) -> torch.Tensor:
+        h = _decayed_scan_forward(z, rate, reverse)
+        ctx.reverse = reverse
+        ctx.save_for_backward(h, rate)
+        return h
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h, rate = ctx.saved_tensors
+        grad_z = _decayed_scan_forward(g, rate, not ctx.reverse)
+        grad_rate = None
+        if ctx.needs_input_grad[1]:
+            zero = h.new_zeros(h.shape[0], 1, h.shape[2])
+            if ctx.reverse:  # edge i joins h_i to h_{i−1}, which received it: h_{i−1} = a_i·h_i + z_{i−1}
+                grad_rate = torch.cat([zero, -torch.exp(-rate[:, 1:]) * grad_z[:, :-1] * h[:, 1:]], 1)
+            else:
+                grad_rate = torch.cat([zero, -torch.exp(-rate[:, 1:]) * grad_z[:, 1:] * h[:, :-1]], 1)
+        return grad_z, grad_rate, None
+
+
+def _decayed_scan(z: torch.Tensor, rate: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """:func:`_decayed_scan_forward`, with its hand-written backward where autograd would run (same values)."""
+    if _custom_backward(z, rate):
+        return _DecayedScanFn.apply(z, rate, reverse)
+    return _decayed_scan_forward(z, rate, reverse)
+
+
+def selective_path_diffusion(
+        x: torch.Tensor,
+        rate_left: torch.Tensor,
+        rate_right: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``P·H`` with a token-dependent kernel: every token replaced by a weighted average of its sequence's real
+    tokens, ``(B, L, C)``.
+
+    ``(P·H)_i = Σ_j w_ij·m_j·H_j / Σ_j w_ij·m_j``, ``w_ij = exp(−Σ_{k=j+1}^{i} λ^left_k)`` for ``j ≤ i`` and
+    ``exp(−Σ_{k=i+1}^{j} λ^right_k)`` for ``j > i``: ``λ_k`` belongs to the edge between tokens ``k − 1`` and
+    ``k`` (``rate_*[:, k]``; ``rate_*[:, 0]`` is unused). Rates are clamped to ``[0, 10]``. One scan per side (numerator and
+    denominator run as one), at least float32, with a hand-written backward; never an ``L×L`` tensor. A real row never reaches past padding it cannot see: padded tokens weigh zero, and appended
+    padding changes nothing. Padded positions return their input.
+
+    Args:
+        x: ``(B, L, C)``.
+        rate_left, rate_right: ``(B, L, C)`` non-negative decay rates per edge for looking left / right (equal:
+            a symmetric kernel).
+        padding_mask: ``(B, L)`` bool, True where padded; None: every token is real.
+    """
+    B, L, C = x.shape
+    compute = torch.promote_types(x.dtype, torch.float32)
+    real = x.new_ones(B, L, 1, dtype=compute) if padding_mask is None else (~padding_mask).to(compute).unsqueeze(-1)
+    z = torch.cat([x.to(compute) * real, real.expand(B, L, C)], -1)  # numerator and denominator, one scan
+    left = _decayed_scan(z, rate_left.to(compute).clamp(0., SELECTIVE_MAX_RATE).repeat(1, 1, 2))
+    right = _decayed_scan(z, rate_right.to(compute).clamp(0., SELECTIVE_MAX_RATE).repeat(1, 1, 2), reverse=True)
+    num, den = (left + right - z).split(C, -1)  # the right scan includes the token itself: count it once
+    out = num / den.clamp_min(1e-30)
+    if padding_mask is not None:
+        out = torch.where(padding_mask.unsqueeze(-1), x.to(compute), out)
+    return out.to(x.dtype)
+
+
+def selective_path_diffusion_reference(rate_left: torch.Tensor, rate_right: torch.Tensor,
+                                       real: torch.Tensor) -> torch.Tensor:
+    """Dense ``P`` per channel, ``(C, L, L)``, for one sequence (``rate_*`` ``(L, C)``, ``real`` ``(L,)``; tests
+    only): ``P_ij ∝ exp(−Σ rates of the edges between i and j)`` over real ``j``; padded rows are the identity."""
+    L = real.shape[0]
+    cl = torch.cat([rate_left.new_zeros(1, rate_left.shape[1]), rate_left[1:].clamp(0., SELECTIVE_MAX_RATE)]).cumsum(0)
+    cr = torch.cat([rate_right.new_zeros(1, rate_right.shape[1]), rate_right[1:].clamp(0., SELECTIVE_MAX_RATE)]).cumsum(0)
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    # Σ_{k=j+1}^{i} λ_k = C_i − C_j (left, j ≤ i); Σ_{k=i+1}^{j} λ_k = C_j − C_i (right, j > i)
+    expo = torch.where((j <= i)[None], (cl.T[:, :, None] - cl.T[:, None, :]), (cr.T[:, None, :] - cr.T[:, :, None]))
+    w = torch.exp(-expo) * real.to(expo.dtype)[None, None, :]
+    P = w / w.sum(-1, keepdim=True)
     eye = torch.eye(L, dtype=P.dtype)
     return torch.where(real[None, :, None], P, eye[None])
 

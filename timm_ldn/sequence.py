@@ -35,12 +35,12 @@ from huggingface_hub import PyTorchModelHubMixin
 from timm.layers import Mlp, calculate_drop_path_rates, trunc_normal_
 
 from .diffusion import (
-    PATH_NEIGHBOURS_PER_SCALE, chunked_softmax_diffusion_attention, feature_diffusion_attention, path_diffusion_step,
-    path_exponential_diffusion, taylor_feature_map,
+    PATH_NEIGHBOURS_PER_SCALE, SELECTIVE_MAX_RATE, chunked_softmax_diffusion_attention, feature_diffusion_attention,
+    path_diffusion_step, path_exponential_diffusion, selective_path_diffusion, taylor_feature_map,
 )
 from .ldn import DiffusionAttention, DiffusionParams, DwConvMlp, ImplicitDiffusionParams, LdnBlock
 
-__all__ = ['PathDiffusion', 'ImplicitPathDiffusion', 'TaylorDiffusionAttention', 'ChunkedSoftmaxDiffusionAttention',
+__all__ = ['PathDiffusion', 'ImplicitPathDiffusion', 'SelectivePathDiffusion', 'TaylorDiffusionAttention', 'ChunkedSoftmaxDiffusionAttention',
            'TokenDepthwiseConv1d', 'DwConv1dMlp', 'LdnSequenceClassifier', 'SinusoidalPositions', 'default_offsets',
            'load_published', 'sinusoidal_positions', 'layer_path', 'resolve_layer']
 
@@ -142,6 +142,50 @@ class ImplicitPathDiffusion(ImplicitDiffusionParams):
         if self.drift is not None:
             left, right = left + self.drift, right - self.drift
         avg = path_exponential_diffusion(x, left, right, padding_mask)
+        return x + self.drop_path(self.step_fraction(x) * (avg - x))
+
+
+class SelectivePathDiffusion(ImplicitPathDiffusion):
+    """The implicit step with token-dependent conductances, ``H ← H + β ⊙ (P·H − H)``, on sequences ``(B, L, C)``.
+
+    :class:`ImplicitPathDiffusion` with a length scale per token as well as per channel: the edge between tokens
+    ``i − 1`` and ``i`` decays the average by ``exp(−λ_i)``, ``log λ_i = v_i − log ℓ`` with ``v = W_up·W_down·LN(H_i)``
+    (rank ``wall_rank``, ``W_up`` starting at zero: at init the layer is :class:`ImplicitPathDiffusion`). A token
+    can raise a wall before itself (``λ`` up to 10: the average barely crosses it, so a bracket can close a
+    span) or bridge a long stretch (``λ → 0``): the paper's adaptive time step made selective inside the kernel, as
+    Mamba makes its decay. The kernel ``exp(−Σ λ over the edges between i and j)`` is the resolvent of a path
+    Laplacian with those conductances (:func:`~timm_ldn.diffusion.selective_path_diffusion`); every row stays a
+    convex average of the real tokens, padding is no node. Two scans per layer, ``O(L)`` per channel.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            offsets: Sequence[int] = (1,),
+            drop_path: float = 0.,
+            drift: bool = True,
+            adaptive_step: bool = True,
+            step_rank: int = 8,
+            tau_init: float = -1.,
+            wall_rank: int = 8,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(dim, offsets, drop_path=drop_path, drift=drift, adaptive_step=adaptive_step,
+                         step_rank=step_rank, tau_init=tau_init, device=device, dtype=dtype)
+        self.wall_down = nn.Linear(dim, wall_rank, bias=False, device=device, dtype=dtype)
+        self.wall_up = nn.Linear(wall_rank, dim, bias=False, device=device, dtype=dtype)
+        nn.init.zeros_(self.wall_up.weight)
+
+    def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        left = right = self.log_scale
+        if self.drift is not None:
+            left, right = left + self.drift, right - self.drift
+        v = self.wall_up(self.wall_down(F.layer_norm(x, x.shape[-1:])))
+        # λ = e^{v − log ℓ}, capped where the scan caps it (log 10) before the exp: no inf, no 0·inf gradient
+        cap = math.log(SELECTIVE_MAX_RATE)
+        rate_left, rate_right = (torch.exp((v - s).clamp(max=cap)) for s in (left, right))
+        avg = selective_path_diffusion(x, rate_left, rate_right, padding_mask)
         return x + self.drop_path(self.step_fraction(x) * (avg - x))
 
 

@@ -32,6 +32,9 @@ row is a set of constructor arguments of ``LdnSequenceClassifier`` (``LDN_ROWS``
   ``ldn_implicit_sinpos`` (trunc-normal init); ``ldn_sinpos_torch_init`` is it with the Euler step.
   ``ldn_implicit_chunk_sinpos_torch_init``: A_diff with the softmax kernel inside 128-token chunks
   (``ChunkedSoftmaxDiffusionAttention``, linear cost), global mixing left to the exact step (Mega's pairing).
+* ``ldn_selective_sinpos_torch_init``: the default with token-dependent conductances in the exact step
+  (``SelectivePathDiffusion``: a token can wall off or bridge the average, as Mamba's selective decay; at init it
+  is the default).
 """
 import sys
 from functools import partial
@@ -46,6 +49,7 @@ from timm.layers import Mlp
 from timm_ldn.diffusion import positive_feature_map
 from timm_ldn.sequence import (
     ChunkedSoftmaxDiffusionAttention, ImplicitPathDiffusion, LdnSequenceClassifier, PathDiffusion,
+    SelectivePathDiffusion,
     TaylorDiffusionAttention, check_sequence_batch,
     sinusoidal_positions,
 )
@@ -205,6 +209,8 @@ _LDN_ARGS: Dict[str, Dict[str, Any]] = {
     # every lever that has helped a row so far: positions and PyTorch's init (ldn_softmax_sinpos_torch_init, 38.28)
     # with the linear-cost kernel and the exact step in place of the softmax kernel and the Euler step
     'ldn_implicit_sinpos_torch_init': dict(diffusion_layer=ImplicitPathDiffusion, pos_embed=True, weight_init='torch'),
+    'ldn_selective_sinpos_torch_init': dict(diffusion_layer=SelectivePathDiffusion, pos_embed=True,
+                                            weight_init='torch'),
     'ldn_implicit_taylor_sinpos_torch_init': dict(diffusion_layer=ImplicitPathDiffusion,
                                                   attn_layer=TaylorDiffusionAttention, pos_embed=True,
                                                   weight_init='torch'),

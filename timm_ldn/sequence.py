@@ -158,21 +158,11 @@ class SelectivePathDiffusion(ImplicitPathDiffusion):
     convex average of the real tokens, padding is no node. Two scans per layer, ``O(L)`` per channel.
     """
 
-    def __init__(
-            self,
-            dim: int,
-            offsets: Sequence[int] = (1,),
-            drop_path: float = 0.,
-            drift: bool = True,
-            adaptive_step: bool = True,
-            step_rank: int = 8,
-            tau_init: float = -1.,
-            wall_rank: int = 8,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__(dim, offsets, drop_path=drop_path, drift=drift, adaptive_step=adaptive_step,
-                         step_rank=step_rank, tau_init=tau_init, device=device, dtype=dtype)
+    def __init__(self, dim: int, offsets: Sequence[int] = (1,), wall_rank: int = 8, device=None, dtype=None,
+                 **kwargs: Any):
+        """``kwargs``: :class:`ImplicitPathDiffusion`'s (``drop_path``, ``drift``, ``adaptive_step``, ``step_rank``,
+        ``tau_init``)."""
+        super().__init__(dim, offsets, device=device, dtype=dtype, **kwargs)
         self.wall_down = nn.Linear(dim, wall_rank, bias=False, device=device, dtype=dtype)
         self.wall_up = nn.Linear(wall_rank, dim, bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.wall_up.weight)

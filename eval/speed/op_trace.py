@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 RESULTS = Path(__file__).resolve().parents[1] / 'results'
 CASES = ('infer', 'train')

@@ -97,6 +97,7 @@ def test_lra_resume_maps_optimizer_state_by_name_across_a_change_of_groups():
 
 
 def test_lra_long_runs_are_named_apart_from_the_main_table_and_take_the_device(tmp_path, monkeypatch):
+    import json
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'eval' / 'lra'))
     import study
@@ -113,7 +114,8 @@ def test_lra_long_runs_are_named_apart_from_the_main_table_and_take_the_device(t
     study.main(['run', '--task', 'listops', '--rows', 'transformer', '--steps', '100'])
     (name, cmd), = launched
     assert name == 'listops_transformer_s0' and cmd[cmd.index('--device') + 1] == 'cpu'
-    (tmp_path / 'long100-listops-transformer-s0.json').write_text('{"task": "listops"}')
+    (tmp_path / 'long100-listops-transformer-s0.json').write_text(json.dumps(
+        dict(task='listops', row='transformer', steps=100, val_acc=40.0, test_acc=40.0)))
     assert study.report() == []  # a long run never enters the equal-step table
 
 
@@ -130,15 +132,22 @@ def test_lra_table_takes_main_runs_over_screens_and_marks_what_is_published(tmp_
     for i, r in enumerate(screens):
         (tmp_path / f'screen{r["steps"]}-{i}.json').write_text(json.dumps(r))
     (tmp_path / 'pathfinder_cnn_hard.json').write_text(json.dumps(dict(test_acc=56.0, epochs=15)))
+    (tmp_path / 'long32000-listops-ldn-s0.json').write_text(json.dumps(  # its own column, beside the main run
+        dict(task='listops', row='ldn', steps=32000, batch_size=32, val_acc=55.0, test_acc=54.321)))
+    (tmp_path / 'long64-listops-transformer-s0.json').write_text(json.dumps(  # a smoke run at another batch
+        dict(task='listops', row='transformer', steps=64, batch_size=2, val_acc=90.0, test_acc=90.0)))
     table = study.lra_table(main_runs)
     rows = {r['model']: r['cells'] for r in table['rows']}
-    assert rows['ldn'] == {'listops': dict(test_acc=35.0, seeds=2, steps=4000, kind='main')}
+    assert rows['ldn'] == {'listops': dict(test_acc=35.0, seeds=2, steps=4000, kind='main'),
+                           'listops_long': dict(test_acc=54.32, val_acc=55.0, seeds=1, steps=32000, kind='long')}
+    assert 'listops_long' not in rows['transformer']
     assert rows['transformer']['listops']['test_acc'] == 36.5 and rows['transformer']['listops']['kind'] == 'screen'
     assert 'linear_transformer' not in rows  # an lr screen tunes a row; it is not the row's result
     assert rows['CNN (2-D image, sanity check)'] == {'pathfinder': dict(test_acc=56.0, seeds=1, steps=15,
                                                                         kind='epochs')}
     md = (tmp_path / 'lra_table.md').read_text()
-    assert '| ldn | 35.00 (2x4000) |' in md and '36.50 (1x1000 screen)' in md
+    assert '| ldn | 35.00 (2x4000) |' in md and '36.50 (1x1000 screen)' in md and '| 54.32 (1x32000) |' in md
+    assert [c['key'] for c in table['columns']][-1] == 'listops_long' and md.count('ListOps, long') == 2
     assert '| Transformer (published) | 36.37 |' in md and md.count('(published)') == len(study.LRA_PUBLISHED)
     assert json.loads((tmp_path / 'lra_table.json').read_text()) == table
 

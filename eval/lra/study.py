@@ -186,6 +186,12 @@ LRA_COLUMNS = (
     ('path_x', 'Path-X', 'pathx', 'Pathfinder-128 hard, 16,384 pixel steps, 16k train: trains only on a GPU '
                                   '(gpu_runs.sh), out of reach of 2 CPU cores'),
 )
+# long runs (``study.py long``) get a column of their own beside their task's: another budget, one seed
+# (column key, header, our task, what the budget is)
+LONG_COLUMNS = (
+    ('listops_long', 'ListOps, long', 'listops', 'ListOps at 32,000 steps x 32 = 1.02 M sequences, one seed, the '
+                                                  'same recipe (issue 27: S4 reaches ~50 % only after ~1 M)'),
+)
 # published test accuracy (Tay et al. 2021; S4: Gu et al. 2022; Mega-chunk: Ma et al. 2023; LRU: Orvieto et al. 2023)
 # on LRA's own data and budgets; 0 = the model failed the task (chance)
 LRA_PUBLISHED = {
@@ -213,6 +219,11 @@ def lra_table(table: List[Dict]) -> Dict:
                                       and r['val_acc'] > mine[r['task']]['val_acc']):
             mine[r['task']] = dict(test_acc=round(r['test_acc'], 2), val_acc=r['val_acc'], seeds=1,
                                    steps=r['steps'], kind='screen')
+    for p in sorted(RESULTS.glob('long[0-9]*.json')):
+        r = json.loads(p.read_text())
+        if r.get('batch_size', BATCH_SIZE) == BATCH_SIZE:
+            cells.setdefault(r['row'], {})[f"long:{r['task']}"] = dict(
+                test_acc=round(r['test_acc'], 2), val_acc=r['val_acc'], seeds=1, steps=r['steps'], kind='long')
     cnn = {}
     for task, difficulty in (('pathfinder32_easy', 'easy'), ('pathfinder32_hard', 'hard')):
         p = RESULTS / f'pathfinder_cnn_{difficulty}.json'
@@ -221,8 +232,9 @@ def lra_table(table: List[Dict]) -> Dict:
             cnn[task] = dict(test_acc=r['test_acc'], seeds=1, steps=r['epochs'], kind='epochs')
     if cnn:
         cells['CNN (2-D image, sanity check)'] = cnn
-    rows = [dict(model=m, ours=True, cells={col: cells[m][task] for col, _, task, _ in LRA_COLUMNS
-                                            if task in cells[m]})
+    columns = [(col, name, task, task, what) for col, name, task, what in LRA_COLUMNS]
+    columns += [(col, name, task, f'long:{task}', what) for col, name, task, what in LONG_COLUMNS]
+    rows = [dict(model=m, ours=True, cells={col: cells[m][key] for col, _, _, key, _ in columns if key in cells[m]})
             for m in list(models.ROWS) + ['CNN (2-D image, sanity check)'] if m in cells]
     rows += [dict(model=f'{m} (published)', ours=False, cells={k: dict(test_acc=v) for k, v in pub.items()})
              for m, pub in LRA_PUBLISHED.items()]
@@ -239,14 +251,13 @@ def lra_table(table: List[Dict]) -> Dict:
              'the best-validation checkpoint, mean over seeds, `(seeds x steps)` at batch 32, one recipe for every '
              'row (eval/lra/README.md); `screen` = a single-seed screening run, not a finished result; `—` = not run. '
              'Published rows are on LRA\'s own data, lengths and budgets (3.8-5.8 M sequences for S4 / Mega / LRU '
-             'against our 48k-128k), for reference only.', '',
-             '| model | ' + ' | '.join(name for _, name, _, _ in LRA_COLUMNS) + ' |',
-             '|---' * (1 + len(LRA_COLUMNS)) + '|']
+             'against our 48k-128k, 1 M in the long column), for reference only.', '',
+             '| model | ' + ' | '.join(name for _, name, _, _, _ in columns) + ' |',
+             '|---' * (1 + len(columns)) + '|']
     for r in rows:
         lines.append(f"| {r['model']} | " + ' | '.join(cell(r['cells'][col]) if col in r['cells'] else '—'
-                                                       for col, _, _, _ in LRA_COLUMNS) + ' |')
-    lines += ['', 'Our tasks:', ''] + [f'- **{name}** (`{task}`): {what}'
-                                        for _, name, task, what in LRA_COLUMNS]
+                                                       for col, _, _, _, _ in columns) + ' |')
+    lines += ['', 'Our tasks:', ''] + [f'- **{name}** (`{task}`): {what}' for _, name, task, _, what in columns]
     cost_path = RESULTS / 'cost_long_range_layers.json'
     if cost_path.is_file():  # Path-X's length: what each row costs there (eval/lra/cost.py)
         cost = json.loads(cost_path.read_text())
@@ -255,7 +266,7 @@ def lra_table(table: List[Dict]) -> Dict:
                       f"{cost['date']}; `cost_long_range_layers.md`): "
                   + ', '.join(f"{row} {c['seconds']:.2f} s / {c['peak_mb']:.0f} MiB" for row, c in at_16k.items())
                   + '.']
-    result = dict(columns=[dict(key=k, lra_task=n, our_task=t, description=w) for k, n, t, w in LRA_COLUMNS],
+    result = dict(columns=[dict(key=k, lra_task=n, our_task=t, description=w) for k, n, t, _, w in columns],
                   rows=rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'lra_table.json').write_text(json.dumps(result, indent=1))

@@ -39,6 +39,14 @@ def _mask(lengths, L):
     return torch.arange(L)[None, :] >= torch.tensor(lengths)[:, None]
 
 
+def _scattered_mask(L):
+    """Padding before and between real tokens (left-padded, gaps): the masks whose row sums are a convolution."""
+    mask = _mask((L, L), L)
+    mask[0, :L // 3] = True
+    mask[1, 2:5] = mask[1, L - 1] = True
+    return mask
+
+
 def _scales(C, seed=0, spread=2.):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(C, generator=g, dtype=DT) * spread, torch.randn(C, generator=g, dtype=DT) * spread
@@ -56,17 +64,19 @@ def _layer(dim=6, adaptive_step=True, drift=True, seed=0, offsets=(1, 2, 4, 8), 
     return layer
 
 
-@pytest.mark.parametrize('lengths', [(23, 23), (23, 9), (5, 1)])
+@pytest.mark.parametrize('lengths', [(23, 23), (23, 9), (5, 1), (0, 23), 'scattered'])
 def test_implicit_step_equals_its_dense_operator_whose_rows_are_convex_averages_of_real_tokens(lengths):
     L, C = 23, 5
     left, right = _scales(C, spread=1.)  # ℓ ≥ e^-3: exp(-22/ℓ) stays above float64's underflow
-    mask = _mask(lengths, L)
+    mask = _scattered_mask(L) if lengths == 'scattered' else _mask(lengths, L)
     x = torch.randn(2, L, C, dtype=DT)
     y = path_exponential_diffusion(x, left, right, mask)
     for b in range(2):
         real = ~mask[b]
         P = path_exponential_diffusion_reference(left, right, real)  # (C, L, L)
         torch.testing.assert_close(y[b], torch.einsum('cij,jc->ic', P, x[b]), rtol=1e-10, atol=1e-10)
+        if not real.any():
+            continue  # an empty sequence: all padding, returned as it came
         rows = P[:, real]
         assert (rows >= 0).all()
         torch.testing.assert_close(rows.sum(-1), torch.ones_like(rows.sum(-1)))  # K·1 = 0
@@ -172,14 +182,16 @@ def test_implicit_step_interior_conserves_each_channels_total_and_drift_makes_it
     torch.testing.assert_close(P[0, mid, mid - 3], P[0, mid, mid + 3])  # symmetric channel
 
 
-@pytest.mark.parametrize('lengths', [None, (12, 7)], ids=['unpadded', 'padded'])
+@pytest.mark.parametrize('lengths', [None, (12, 7), (5, 0), 'scattered'],
+                         ids=['unpadded', 'padded', 'padded-empty', 'scattered'])
 def test_implicit_step_hand_written_backward_is_the_gradient(lengths):
     """The FFT convolutions' backward (written as two more convolutions) against finite differences, through the
-    tokens and both length scales, with and without a mask (two paths for the denominator)."""
+    tokens and both length scales: unpadded and suffix-padded (the fused step, closed-form row sums read at each
+    sequence's length) and padding elsewhere (the row sums a convolution of the mask)."""
     L, C = 12, 3
     left, right = (t.requires_grad_() for t in _scales(C, spread=1.))
     x = torch.randn(2, L, C, dtype=DT, requires_grad=True)
-    mask = None if lengths is None else _mask(lengths, L)
+    mask = None if lengths is None else _scattered_mask(L) if lengths == 'scattered' else _mask(lengths, L)
     assert torch.autograd.gradcheck(lambda h, a, b: path_exponential_diffusion(h, a, b, mask), (x, left, right))
     # torch.func transforms take the autograd-traced form: the same gradient
     grad_x = torch.func.grad(lambda h: path_exponential_diffusion(h, left, right, mask).square().sum())(x)
@@ -187,18 +199,20 @@ def test_implicit_step_hand_written_backward_is_the_gradient(lengths):
         path_exponential_diffusion(x, left, right, mask).square().sum(), x)[0])
 
 
-def test_implicit_step_float32_gradients_are_as_precise_as_autograds():
-    """The unpadded step's fused backward (rebuilding the kernel and row sums from the scales) against float64, next
-    to autograd through the same forward (torch.func): no worse than 2x its error, with length scales from a third
-    of a token to 400x the sequence, where the row sums' derivative cancels hardest."""
+@pytest.mark.parametrize('lengths', [None, (784, 300)], ids=['unpadded', 'padded'])
+def test_implicit_step_float32_gradients_are_as_precise_as_autograds(lengths):
+    """The fused backward (rebuilding the kernel and row sums from the scales) against float64, next to autograd
+    through the same forward (torch.func): no worse than 2x its error, with length scales from a third of a token
+    to 400x the sequence, where the row sums' derivative cancels hardest."""
     torch.manual_seed(0)
     L, C = 784, 8
     x, w = torch.randn(2, L, C), torch.randn(2, L, C)
     left = torch.linspace(-1., math.log(L) + 6., C)
     right = left.flip(0) + 0.3
+    mask = None if lengths is None else _mask(lengths, L)
 
     def loss(h, a, b):
-        return (path_exponential_diffusion(h, a, b) * w).sum()
+        return (path_exponential_diffusion(h, a, b, mask) * w).sum()
 
     args = [t.clone().requires_grad_() for t in (x, left, right)]
     fused = torch.autograd.grad(loss(*args), args)
@@ -217,7 +231,8 @@ def test_implicit_layer_gives_the_same_answer_in_every_autograd_mode(layer_type)
     outs = {}
     for mode, ctx in (('grad', torch.enable_grad), ('no_grad', torch.no_grad), ('inference', torch.inference_mode)):
         with ctx():
-            outs[mode] = (layer(x, mask).detach().clone(), layer(x).detach().clone())
+            outs[mode] = (layer(x, mask).detach().clone(), layer(x).detach().clone(),
+                          layer(x, _scattered_mask(30)).detach().clone())
     for mode in ('no_grad', 'inference'):
         for a, b in zip(outs[mode], outs['grad']):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

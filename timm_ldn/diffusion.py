@@ -612,17 +612,36 @@ def _geometric_sums_grad(log_scale: torch.Tensor, length: int) -> torch.Tensor:
     return d_rate * torch.where(raw >= 1e-30, -rate, torch.zeros_like(rate))
 
 
-def _row_sums(sums_left: torch.Tensor, sums_right: torch.Tensor) -> torch.Tensor:
-    """Row ``i``'s kernel mass ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L − i} g_right(d)`` from the two sides' ``S``."""
-    return sums_left + (sums_right.flip(0) - 1.)
+def _row_sums(sums_left: torch.Tensor, sums_right: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+              ) -> torch.Tensor:
+    """Row ``i``'s kernel mass ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L_b − i} g_right(d)`` from the two sides' ``S``:
+    ``(L, C)`` over whole sequences of length ``L``, or ``(B, L, C)`` for sequences of ``lengths`` real tokens
+    followed by padding (rows past a sequence's end are ≥ 1 and unused)."""
+    if lengths is None:
+        return sums_left + (sums_right.flip(0) - 1.)
+    return sums_left + (sums_right[_tokens_to_the_end(lengths, sums_left.shape[0])] - 1.)
+
+
+def _tokens_to_the_end(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """``(B, L)``: ``L_b − 1 − i`` (clamped at 0 past the end), the index of row ``i``'s right-hand sum in ``S``."""
+    return (lengths[:, None] - 1 - torch.arange(length, device=lengths.device)).clamp_min(0)
 
 
 def _path_exponential_row_sums(length: int, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor,
-                               ) -> torch.Tensor:
-    """``(length, C)``: row ``i``'s kernel mass over a whole unpadded sequence, from closed-form geometric sums
-    (:func:`_geometric_sums`): no cumulative sum over the sequence (float64 cumulative sums of the kernel took 6 %
-    of the CPU time of a 16k-token training step in the profiler)."""
-    return _row_sums(_geometric_sums(log_scale_left, length), _geometric_sums(log_scale_right, length))
+                               lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Row ``i``'s kernel mass over whole sequences (``(length, C)``) or over the ``lengths`` real tokens of
+    suffix-padded ones (``(B, length, C)``), from closed-form geometric sums (:func:`_geometric_sums`): no
+    cumulative sum (float64 cumulative sums of the kernel took 6 % of the CPU time of a 16k-token training step in
+    the profiler) and no second convolution for the mask."""
+    return _row_sums(_geometric_sums(log_scale_left, length), _geometric_sums(log_scale_right, length), lengths)
+
+
+def _suffix_lengths(padding_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The real lengths ``(B,)`` when every sequence's padding comes after its real tokens (how batches are padded),
+    else None: then a row's kernel mass is a closed form of its length, not a convolution of the mask."""
+    lengths = (~padding_mask).sum(1)
+    suffix = torch.arange(padding_mask.shape[1], device=padding_mask.device)[None, :] >= lengths[:, None]
+    return lengths if bool((suffix == padding_mask).all()) else None
 
 
 def _circular_convolution(x: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
@@ -675,54 +694,71 @@ def _circular_kernel(left: torch.Tensor, right: torch.Tensor, n: int) -> torch.T
     return torch.cat([left, left.new_zeros(n - 2 * L + 1, C), right[1:].flip(0)], 0)
 
 
-class _UnpaddedExponentialDiffusionFn(torch.autograd.Function):
-    """:func:`path_exponential_diffusion` without a padding mask, ``y = (g ∗ x) / S``, with a backward that rebuilds
-    the kernel, its spectrum and the row sums from the ``(C,)`` scales and saves only ``x`` and ``y``: autograd
-    through the pieces keeps two spectra, both kernel halves, the row sums and the full-length convolution output,
-    ~9 activations per layer (eval/results/lra/cost_saved_tensors.md). The backward pays one more FFT of ``x`` and
+class _ExponentialDiffusionFn(torch.autograd.Function):
+    """:func:`path_exponential_diffusion` of whole or suffix-padded sequences (``lengths`` real tokens, then
+    padding), ``y = (g ∗ x) / S`` on real tokens and ``y = x`` on padding, with a backward that rebuilds the kernel,
+    its spectrum and the row sums from the ``(C,)`` scales and saves only ``x`` and ``y``: autograd through the
+    pieces keeps two spectra, both kernel halves, the row sums and the full-length convolution output, ~9
+    activations per layer (eval/results/lra/cost_saved_tensors.md). The backward pays one more FFT of ``x`` and
     one of the kernel.
 
-    Gradients: ``∂x = g̃ ⋆ k`` and ``∂k = Σ_b g̃ ⋆ x`` (correlations, ``g̃ = ∂y / S``); each half's weight
-    ``e^{−da}`` gives ``∂/∂log ℓ = d·a·e^{−da}``; the row sums give ``∂S = −Σ_b ∂y·y / S`` through
-    :func:`_geometric_sums_grad`."""
+    Gradients: ``∂x = g̃ ⋆ k`` and ``∂k = Σ_b g̃ ⋆ x`` (correlations, ``g̃ = ∂y / S`` on real tokens); each half's
+    weight ``e^{−da}`` gives ``∂/∂log ℓ = d·a·e^{−da}``; the row sums give ``∂S = −∂y·y / S``, summed over the rows
+    that read each entry of ``S``, through :func:`_geometric_sums_grad`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor,
+                lengths: Optional[torch.Tensor]) -> torch.Tensor:
         L = x.shape[1]
         n = 1 << (2 * L - 1).bit_length() if L > 1 else 1
         spectrum = torch.fft.rfft(_circular_kernel(*path_exponential_kernel(L, log_scale_left, log_scale_right), n),
                                   n=n, dim=0)
-        num = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=1) * spectrum, n=n, dim=1)[:, :L]
-        y = num / _path_exponential_row_sums(L, log_scale_left, log_scale_right)
+        padded = None if lengths is None else (torch.arange(L, device=x.device) >= lengths[:, None]).unsqueeze(-1)
+        x_real = x if padded is None else x.masked_fill(padded, 0.)
+        num = torch.fft.irfft(torch.fft.rfft(x_real, n=n, dim=1) * spectrum, n=n, dim=1)[:, :L]
+        y = num / _path_exponential_row_sums(L, log_scale_left, log_scale_right, lengths)
+        if padded is not None:
+            y = torch.where(padded, x, y)
         ctx.n = n
-        ctx.save_for_backward(x, log_scale_left, log_scale_right, y)
+        ctx.save_for_backward(x, log_scale_left, log_scale_right, y, lengths)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, log_scale_left, log_scale_right, y = ctx.saved_tensors
-        n, L = ctx.n, x.shape[1]
+        x, log_scale_left, log_scale_right, y, lengths = ctx.saved_tensors
+        n, L, C = ctx.n, x.shape[1], x.shape[2]
         left, right = path_exponential_kernel(L, log_scale_left, log_scale_right)
         spectrum = torch.fft.rfft(_circular_kernel(left, right, n), n=n, dim=0)
         sums_left, sums_right = _geometric_sums(log_scale_left, L), _geometric_sums(log_scale_right, L)
-        den = _row_sums(sums_left, sums_right)
-        g_num = g / den
-        g_spectrum = torch.fft.rfft(g_num, n=n, dim=1)  # g_num is zero past L (the output slice)
+        den = _row_sums(sums_left, sums_right, lengths)
+        padded = None if lengths is None else (torch.arange(L, device=x.device) >= lengths[:, None]).unsqueeze(-1)
+        g_real = g if padded is None else g.masked_fill(padded, 0.)  # padding's y is its x: no kernel behind it
+        g_spectrum = torch.fft.rfft(g_real / den, n=n, dim=1)  # zero past L (the output slice)
         grad_x = grad_left = grad_right = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.fft.irfft(g_spectrum * spectrum.conj(), n=n, dim=1)[:, :L]
+            if padded is not None:
+                grad_x = torch.where(padded, g, grad_x)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_kernel = torch.fft.irfft((g_spectrum * torch.fft.rfft(x, n=n, dim=1).conj()).sum(0), n=n, dim=0)
-            grad_den = -(g * y).sum(0) / den  # (L, C)
+            x_real = x if padded is None else x.masked_fill(padded, 0.)
+            grad_kernel = torch.fft.irfft((g_spectrum * torch.fft.rfft(x_real, n=n, dim=1).conj()).sum(0), n=n, dim=0)
+            if lengths is None:
+                grad_den = -(g * y).sum(0) / den  # (L, C)
+                grad_sums_left, grad_sums_right = grad_den, grad_den.flip(0)
+            else:  # row i of sequence b reads S_right at L_b − 1 − i
+                grad_den = -(g_real * y) / den  # (B, L, C)
+                grad_sums_left = grad_den.sum(0)
+                grad_sums_right = grad_den.new_zeros(L, C).index_add_(
+                    0, _tokens_to_the_end(lengths, L).reshape(-1), grad_den.reshape(-1, C))
             d = torch.arange(L, device=x.device, dtype=x.dtype)[:, None]
             # kernel index n − d holds right[d] for d = 1 … L − 1; right[0] is not in the kernel
             grad_right_kernel = torch.cat([grad_kernel.new_zeros(1, grad_kernel.shape[1]),
                                            grad_kernel[n - L + 1:].flip(0)], 0)
             grad_left = ((grad_kernel[:L] * left * d).sum(0) * torch.exp(-log_scale_left)
-                         + (grad_den * _geometric_sums_grad(log_scale_left, L)).sum(0))
+                         + (grad_sums_left * _geometric_sums_grad(log_scale_left, L)).sum(0))
             grad_right = ((grad_right_kernel * right * d).sum(0) * torch.exp(-log_scale_right)
-                          + (grad_den.flip(0) * _geometric_sums_grad(log_scale_right, L)).sum(0))
-        return grad_x, grad_left, grad_right
+                          + (grad_sums_right * _geometric_sums_grad(log_scale_right, L)).sum(0))
+        return grad_x, grad_left, grad_right, None
 
 
 def path_exponential_diffusion(
@@ -736,8 +772,9 @@ def path_exponential_diffusion(
     ``(P·H)_i = Σ_j g(i − j)·m_j·H_j / Σ_j g(i − j)·m_j`` with the two-sided kernel of
     :func:`path_exponential_kernel` and ``m_j = 1`` on real tokens. The numerator is one linear convolution, done by
     FFT on ``n ≥ 2L − 1`` points (no wrap-around), with a hand-written backward: ``O(L log L)`` per channel, never an
-    ``L×L`` tensor. The denominator is a second one under a padding mask; without one it is the kernel's partial
-    sums, ``Σ_{d ≤ i} g_left(d) + Σ_{1 ≤ d < L − i} g_right(d)``, in closed form. The kernel
+    ``L×L`` tensor. The denominator is the kernel's partial sums over the real tokens, ``Σ_{d ≤ i} g_left(d) +
+    Σ_{1 ≤ d < L_b − i} g_right(d)``, in closed form when the padding follows the real tokens (or there is none); a
+    mask with padding elsewhere takes a second convolution, of the mask. The kernel
     depends only on ``i − j``, so appended padding changes nothing. Computed in at least float32 (FFT has no
     half-precision CPU kernels; the result is a convex average, cast back to the input's dtype). Padded positions
     return their input.
@@ -753,11 +790,20 @@ def path_exponential_diffusion(
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
     log_scale_left, log_scale_right = log_scale_left.to(compute), log_scale_right.to(compute)
-    if padding_mask is None and (_custom_backward(xf, log_scale_left) or _custom_backward(xf, log_scale_right)):
-        return _UnpaddedExponentialDiffusionFn.apply(xf, log_scale_left, log_scale_right).to(x.dtype)
+    lengths = None if padding_mask is None else _suffix_lengths(padding_mask)
+    if padding_mask is None or lengths is not None:  # whole or suffix-padded sequences: closed-form row sums
+        if _custom_backward(xf, log_scale_left) or _custom_backward(xf, log_scale_right):
+            return _ExponentialDiffusionFn.apply(xf, log_scale_left, log_scale_right, lengths).to(x.dtype)
+        kernel = _circular_kernel(*path_exponential_kernel(L, log_scale_left, log_scale_right), n)
+        if lengths is None:
+            return (_convolve(xf, kernel, n) / _path_exponential_row_sums(L, log_scale_left, log_scale_right)
+                    ).to(x.dtype)
+        padded = padding_mask.unsqueeze(-1)
+        num = _convolve(xf.masked_fill(padded, 0.), kernel, n)
+        out = num / _path_exponential_row_sums(L, log_scale_left, log_scale_right, lengths)
+        return torch.where(padded, xf, out).to(x.dtype)
+    # padding anywhere else: the row sums are a second convolution, of the mask
     kernel = _circular_kernel(*path_exponential_kernel(L, log_scale_left, log_scale_right), n)
-    if padding_mask is None:
-        return (_convolve(xf, kernel, n) / _path_exponential_row_sums(L, log_scale_left, log_scale_right)).to(x.dtype)
     real = (~padding_mask).to(xf.dtype).unsqueeze(-1)  # (B, L, 1)
     num = _convolve(xf * real, kernel, n)
     den = _convolve(real, kernel, n)

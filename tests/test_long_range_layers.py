@@ -91,6 +91,22 @@ def test_implicit_step_equals_its_dense_operator_whose_rows_are_convex_averages_
                                    path_exponential_diffusion(x32, left32, right32, mask), rtol=2e-6, atol=2e-6)
 
 
+def test_fft_length_is_the_smallest_5_smooth_length_without_wrap_around():
+    """The implicit step's FFT length: at least 2L − 1 (a linear convolution, no wrap-around), a product of 2, 3 and 5
+    only, and no such length fits between the two."""
+    from timm_ldn.diffusion import _fft_length
+
+    def smooth(n):
+        for p in (2, 3, 5):
+            while n % p == 0:
+                n //= p
+        return n == 1
+    for L in range(1, 1200):
+        n = _fft_length(L)
+        assert n >= 2 * L - 1 and smooth(n) and not any(smooth(m) for m in range(2 * L - 1, n))
+    assert (_fft_length(784), _fft_length(1024), _fft_length(16384)) == (1600, 2048, 32768)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, DT])
 def test_implicit_step_limits_are_the_identity_and_the_plain_mean_with_no_nan(dtype):
     """ℓ far below one token leaves every token as it is; ℓ far past the sequence (even past the point where 1/ℓ

@@ -644,6 +644,23 @@ def _suffix_lengths(padding_mask: torch.Tensor) -> Optional[torch.Tensor]:
     return lengths if bool((suffix == padding_mask).all()) else None
 
 
+def _fft_length(length: int) -> int:
+    """The smallest ``n = 2^a·3^b·5^c ≥ 2L − 1``: a linear (not circular) convolution of ``L`` points on a length
+    the FFT factors into small radices, up to a third fewer points than the next power of two (784 tokens: 1,600
+    instead of 2,048)."""
+    need = 2 * length - 1
+    best = 1 << max(need - 1, 0).bit_length()
+    for c in range(best.bit_length()):  # each 3^b·5^c, completed with the smallest power of two reaching `need`
+        odd = 5 ** c
+        while odd < best:
+            n = odd
+            while n < need:
+                n *= 2
+            best = min(best, n)
+            odd *= 3
+    return best
+
+
 def _circular_convolution(x: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
     """First ``L`` points of the ``n``-point circular convolution of ``x`` ``(B, L, C or 1)`` with the kernel whose
     ``rfft`` is ``spectrum`` ``(n/2 + 1, C)``; ``n ≥ 2L − 1`` makes it the linear one."""
@@ -710,7 +727,7 @@ class _ExponentialDiffusionFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor,
                 lengths: Optional[torch.Tensor]) -> torch.Tensor:
         L = x.shape[1]
-        n = 1 << (2 * L - 1).bit_length() if L > 1 else 1
+        n = _fft_length(L)
         spectrum = torch.fft.rfft(_circular_kernel(*path_exponential_kernel(L, log_scale_left, log_scale_right), n),
                                   n=n, dim=0)
         padded = None if lengths is None else (torch.arange(L, device=x.device) >= lengths[:, None]).unsqueeze(-1)
@@ -786,7 +803,7 @@ def path_exponential_diffusion(
         padding_mask: ``(B, L)`` bool, True where padded; None: every token is real.
     """
     B, L, C = x.shape
-    n = 1 << (2 * L - 1).bit_length() if L > 1 else 1
+    n = _fft_length(L)
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
     log_scale_left, log_scale_right = log_scale_left.to(compute), log_scale_right.to(compute)

@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parents[1] / 'results' / 'lra'
 def pieces(x: torch.Tensor, log_scale_left: torch.Tensor, log_scale_right: torch.Tensor) -> torch.Tensor:
     """The unpadded implicit step with autograd through its forward's pieces (the form before the fused backward)."""
     L = x.shape[1]
-    n = 1 << (2 * L - 1).bit_length() if L > 1 else 1
+    n = diffusion._fft_length(L)
     kernel = diffusion._circular_kernel(*diffusion.path_exponential_kernel(L, log_scale_left, log_scale_right), n)
     return diffusion._convolve(x, kernel, n) / diffusion._path_exponential_row_sums(L, log_scale_left, log_scale_right)
 

@@ -23,7 +23,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def git_describe(tree: Path) -> str:
-    out = subprocess.run(['git', '-C', str(tree), 'log', '-1', '--format=%h %s'], capture_output=True, text=True)
+    """The build: the tree's last commit that changed the package (later commits only add results or docs)."""
+    out = subprocess.run(['git', '-C', str(tree), 'log', '-1', '--format=%h %s', '--', 'timm_ldn'],
+                         capture_output=True, text=True)
     return out.stdout.strip()[:90] or str(tree)
 
 

@@ -636,6 +636,13 @@ def _path_exponential_row_sums(length: int, log_scale_left: torch.Tensor, log_sc
     return _row_sums(_geometric_sums(log_scale_left, length), _geometric_sums(log_scale_right, length), lengths)
 
 
+def _padding_of(lengths: Optional[torch.Tensor], length: int) -> Optional[torch.Tensor]:
+    """``(B, L, 1)`` True past each sequence's ``lengths`` real tokens (the suffix mask back from its lengths)."""
+    if lengths is None:
+        return None
+    return (torch.arange(length, device=lengths.device) >= lengths[:, None]).unsqueeze(-1)
+
+
 def _suffix_lengths(padding_mask: torch.Tensor) -> Optional[torch.Tensor]:
     """The real lengths ``(B,)`` when every sequence's padding comes after its real tokens (how batches are padded),
     else None: then a row's kernel mass is a closed form of its length, not a convolution of the mask."""
@@ -730,7 +737,7 @@ class _ExponentialDiffusionFn(torch.autograd.Function):
         n = _fft_length(L)
         spectrum = torch.fft.rfft(_circular_kernel(*path_exponential_kernel(L, log_scale_left, log_scale_right), n),
                                   n=n, dim=0)
-        padded = None if lengths is None else (torch.arange(L, device=x.device) >= lengths[:, None]).unsqueeze(-1)
+        padded = _padding_of(lengths, L)
         x_real = x if padded is None else x.masked_fill(padded, 0.)
         num = torch.fft.irfft(torch.fft.rfft(x_real, n=n, dim=1) * spectrum, n=n, dim=1)[:, :L]
         y = num / _path_exponential_row_sums(L, log_scale_left, log_scale_right, lengths)
@@ -748,7 +755,7 @@ class _ExponentialDiffusionFn(torch.autograd.Function):
         spectrum = torch.fft.rfft(_circular_kernel(left, right, n), n=n, dim=0)
         sums_left, sums_right = _geometric_sums(log_scale_left, L), _geometric_sums(log_scale_right, L)
         den = _row_sums(sums_left, sums_right, lengths)
-        padded = None if lengths is None else (torch.arange(L, device=x.device) >= lengths[:, None]).unsqueeze(-1)
+        padded = _padding_of(lengths, L)
         g_real = g if padded is None else g.masked_fill(padded, 0.)  # padding's y is its x: no kernel behind it
         g_spectrum = torch.fft.rfft(g_real / den, n=n, dim=1)  # zero past L (the output slice)
         grad_x = grad_left = grad_right = None

@@ -232,13 +232,13 @@ def test_published_sequence_model_loads_only_with_its_pinned_sha256(tmp_path, mo
         load_published('ldn_seq_missing')
 
 
-@pytest.mark.parametrize('name, diffusion_layer, pos_embed', [
-    ('ldn_seq_listops_512.lra', PathDiffusion, False),  # the paper's form, published before the default changed
-    ('ldn_seq_listops_512.lra_v2', ImplicitPathDiffusion, True),  # today's defaults, 4000 steps
-    ('ldn_seq_listops_512.lra_long', ImplicitPathDiffusion, True),  # today's defaults, the 32000-step long run
+@pytest.mark.parametrize('name, diffusion_layer, pos_embed, defaults', [
+    ('ldn_seq_listops_512.lra', PathDiffusion, False, False),  # the paper's form, published before the default changed
+    ('ldn_seq_listops_512.lra_v2', ImplicitPathDiffusion, True, True),  # today's defaults, 4000 steps
+    ('ldn_seq_listops_512.lra_long', ImplicitPathDiffusion, True, True),  # today's defaults, the 32000-step long run
 ])
 def test_shipped_sequence_weights_load_offline_in_the_form_they_were_trained(monkeypatch, name, diffusion_layer,
-                                                                               pos_embed):
+                                                                               pos_embed, defaults):
     """Each shipped ListOps model loads through load_published from the verified shipped copy (no Hub), rebuilds the
     layers it was trained with, and reads sequences of any length up to max_len, padding carrying nothing."""
     from timm_ldn import hub
@@ -252,7 +252,7 @@ def test_shipped_sequence_weights_load_offline_in_the_form_they_were_trained(mon
     assert type(m.blocks[0].diffusion) is diffusion_layer and (m.pos_embed is not None) == pos_embed
     entry = hub.load_manifest()['weights'][name]
     assert sum(p.numel() for p in m.parameters()) == entry['num_params']
-    if name.endswith(('_v2', '_long')):  # published as the defaults: a default-built model takes its state dict as is
+    if defaults:  # published as the defaults: a default-built model takes its state dict as is
         default = LdnSequenceClassifier(**entry['model_args'])
         default.load_state_dict(m.state_dict())
     g = torch.Generator().manual_seed(0)

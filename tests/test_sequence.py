@@ -460,3 +460,51 @@ def test_defaults_are_the_long_range_winner_and_old_configs_keep_the_papers_form
     x = torch.randint(0, 12, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), old.eval()(x), rtol=0, atol=0)
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_padding():
+    m = _token_model().train()
+    x = torch.randint(1, 12, (3, 20))
+    mask = _mask((20, 13, 4), 20)
+    y = torch.tensor([0, 3, 1])
+
+    def grads():
+        m.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(m(x, mask), y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+    loss, ref = grads()
+    m.set_grad_checkpointing()
+    assert m.grad_checkpointing
+    recomputed = []
+    hook = m.blocks[0].register_forward_pre_hook(lambda *a: recomputed.append(1))
+    loss_ckpt, got = grads()
+    hook.remove()
+    assert len(recomputed) == 2  # the block ran again in the backward: its activations were not kept
+    torch.testing.assert_close(loss_ckpt, loss)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    m.set_grad_checkpointing(False)
+    with torch.no_grad():  # switched off again, and inference never recomputes
+        torch.testing.assert_close(m(x, mask), m.eval()(x, mask))
+
+
+def test_attention_saves_no_spent_part_of_the_qkv_projection():
+    """In training, A_diff keeps v for its backward, not the projection's whole [q | k | v] output (q and k are spent
+    once φ has run): the memory that linear attention saves on long sequences is not given back here."""
+    m = _token_model().train()
+    attn = m.blocks[0].attn
+    x = torch.randn(2, 30, 16, requires_grad=True)
+    outputs, saved = [], []
+    hook = attn.qkv.register_forward_hook(lambda mod, args, out: outputs.append(out))
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attn(x)
+    hook.remove()
+    (qkv,) = outputs
+    assert qkv.untyped_storage().data_ptr() not in saved
+    out.sum().backward()  # and the backward still has what it needs
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -391,7 +391,8 @@ def packed_linear_diffusion_attention(
       batched matmul over ``φ(Q)`` yields numerator and denominator together;
     * the ``1/N`` scale is applied to that tiny matrix instead of to ``φ(K)``;
     * q, k and v stay strided ``(B, N, d)`` views of the projection, one head at a time: each is a matrix the BLAS
-      reads as is, where a 4-D ``(B, heads, N, d)`` matmul would first copy all three.
+      reads as is, where a 4-D ``(B, heads, N, d)`` matmul would first copy all three (when a gradient is wanted,
+      v is one copy, so that the saved tensors do not hold the spent q and k parts of the projection).
 
     Args:
         qkv: ``(B, N, 3C)`` output of the qkv projection, ``[q | k | v]`` with heads contiguous in each third.
@@ -406,7 +407,12 @@ def packed_linear_diffusion_attention(
     qk = positive_feature_map(qkv[..., :2 * C])
     q = qk[..., :C].view(B, N, num_heads, d)
     k = qk[..., C:].view(B, N, num_heads, d)
-    v = qkv[..., 2 * C:].view(B, N, num_heads, d)
+    v = qkv[..., 2 * C:]
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        # the matmuls save v for the backward: a view would keep the whole projection alive (q and k are spent
+        # once φ has run), a copy keeps a third of it (16k tokens, 4 layers of 64: 32 of 97 MiB saved by A_diff)
+        v = v.contiguous()
+    v = v.view(B, N, num_heads, d)
     if key_padding_mask is None:
         scale = torch.full((1, 1, 1), 1. / N, dtype=qkv.dtype, device=qkv.device)
     else:  # padded tokens are no keys; 1/N over each sequence's real tokens

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from huggingface_hub import PyTorchModelHubMixin
 from timm.layers import Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.models._manipulate import checkpoint
 
 from .diffusion import (
     PATH_NEIGHBOURS_PER_SCALE, SELECTIVE_MAX_RATE, chunked_softmax_diffusion_attention, feature_diffusion_attention,
@@ -453,6 +454,7 @@ class LdnSequenceClassifier(
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights(weight_init)
         # checkpoints saved before the encoder folded into the classifier ('encoder.blocks.0...') load unchanged
         self._register_load_state_dict_pre_hook(_strip_encoder_prefix)
@@ -470,6 +472,12 @@ class LdnSequenceClassifier(
         return {n for n, _ in self.named_parameters()
                 if n.endswith(('diffusion.a_raw', 'diffusion.tau', 'diffusion.log_scale', 'diffusion.drift'))}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's forward in the backward instead of saving its activations (timm's API): training
+        memory falls to the block inputs plus one block's, for about one more forward of compute."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -486,7 +494,10 @@ class LdnSequenceClassifier(
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.)
         for blk in self.blocks:
-            x = blk(x, padding_mask)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, padding_mask)
+            else:
+                x = blk(x, padding_mask)
         return x
 
     def pool(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

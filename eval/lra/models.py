@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from timm.layers import Mlp
+from timm.models._manipulate import checkpoint
 
 from timm_ldn.diffusion import positive_feature_map
 from timm_ldn.sequence import (
@@ -115,6 +116,11 @@ class TransformerClassifier(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()  # 0: pooled features
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer in the backward (timm's API, as LDN's): the peer gets the same memory knob."""
+        self.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_sequence_batch(x, padding_mask, self.vocab_size, self.in_features)
@@ -123,7 +129,10 @@ class TransformerClassifier(nn.Module):
             raise ValueError(f'Sequence length {L} exceeds max_len={self.pos.shape[0]} of the position table.')
         h = self.embed(x) + self.pos[:L]
         for layer in self.layers:
-            h = layer(h, src_key_padding_mask=padding_mask)
+            if self.grad_checkpointing:
+                h = checkpoint(layer, h, src_key_padding_mask=padding_mask)
+            else:
+                h = layer(h, src_key_padding_mask=padding_mask)
         if padding_mask is None:
             pooled = h.mean(1)
         else:

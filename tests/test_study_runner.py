@@ -147,7 +147,8 @@ def test_lra_table_takes_main_runs_over_screens_and_marks_what_is_published(tmp_
                                                                         kind='epochs')}
     md = (tmp_path / 'lra_table.md').read_text()
     assert '| ldn | 35.00 (2x4000) |' in md and '36.50 (1x1000 screen)' in md and '| 54.32 (1x32000) |' in md
-    assert [c['key'] for c in table['columns']][-1] == 'listops_long' and md.count('ListOps, long') == 2
+    assert [c['key'] for c in table['columns']][-2:] == ['listops_long', 'pathfinder_easy_long']
+    assert md.count('ListOps, long') == 2 and md.count('Pathfinder (easy), long') == 2
     assert '| Transformer (published) | 36.37 |' in md and md.count('(published)') == len(study.LRA_PUBLISHED)
     assert json.loads((tmp_path / 'lra_table.json').read_text()) == table
 

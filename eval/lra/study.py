@@ -191,6 +191,9 @@ LRA_COLUMNS = (
 LONG_COLUMNS = (
     ('listops_long', 'ListOps, long', 'listops', 'ListOps at 32,000 steps x 32 = 1.02 M sequences, one seed, the '
                                                   'same recipe (issue 27: S4 reaches ~50 % only after ~1 M)'),
+    ('pathfinder_easy_long', 'Pathfinder (easy), long', 'pathfinder32_easy',
+     'Pathfinder-32 easy at 8,000 steps x 32 = 256 k sequences (6.4 epochs of 40k), one seed, the same recipe: '
+     'which row leaves chance first (issue 28)'),
 )
 # published test accuracy (Tay et al. 2021; S4: Gu et al. 2022; Mega-chunk: Ma et al. 2023; LRU: Orvieto et al. 2023)
 # on LRA's own data and budgets; 0 = the model failed the task (chance)
